@@ -1,0 +1,60 @@
+//! `clustermesh`: the operator's command. Parsing and messages live here; the work is done
+//! by the library crates, so this file stays thin.
+
+mod certs_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for bad usage or configuration (sysexits' EX_USAGE), so scripts can tell a
+/// mistake in what they asked for from a failure while doing it (status 1).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "clustermesh",
+    version,
+    about = "Connect clusters into a mesh: certificates, stores, peers.",
+    after_help = "Exit status: 0 on success, 64 for usage or configuration errors \
+                  (bad names, unreadable inputs, files that already exist), 1 otherwise."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make and bundle the mesh's certificates.
+    #[command(subcommand)]
+    Certs(certs_cmd::CertsCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors; print them and succeed.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Certs(cmd) => certs_cmd::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("clustermesh: error: {err:#}");
+            let usage = err
+                .downcast_ref::<certs::Error>()
+                .is_some_and(certs::Error::is_usage);
+            ExitCode::from(if usage { EXIT_USAGE } else { 1 })
+        }
+    }
+}

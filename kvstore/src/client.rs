@@ -1,0 +1,792 @@
+//! The store client layer: one code path, over `etcd-client`, for a real etcd cluster and
+//! for our embedded server (both speak the etcd v3 API).
+//!
+//! - [`StoreClient`] holds the connection: status, leases, compaction, deletes.
+//! - [`TypedClient`] adds a [`Codec`] for typed values: get, paginated prefix listing at one
+//!   revision, put, compare-and-swap, batched writes in transactions, prefix watches.
+//! - [`LeaseHandle`] keeps a lease alive in the background and says when it is lost.
+//!
+//! Every unary request is bounded by the configured request timeout; errors are sorted
+//! into [`Error`] variants (unavailable, compacted, lease not found, decode, ...).
+
+mod batch;
+mod codec;
+mod config;
+mod error;
+mod lease;
+mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    CompactionOptions, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+pub use batch::{BatchOutcome, Op};
+pub use codec::{Codec, JsonCodec, RawCodec, StringCodec};
+pub use config::{ClientConfig, Limits, TlsFiles};
+pub use error::{BoxError, ConfigError, Error, Result};
+pub use lease::{LeaseHandle, LeaseId, LeaseLost};
+pub use watch::{WatchConfig, WatchEvent, WatchStream};
+
+use error::classify;
+
+/// Largest response the client accepts (a page of a listing, a watch response with a big
+/// transaction). tonic's default of 4 MiB is too small for large values.
+const MAX_DECODING_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How many times a listing restarts when its pinned revision is compacted between pages.
+const LIST_ATTEMPTS: usize = 3;
+
+/// The end of the key range holding every key that starts with `prefix`: the prefix with
+/// its last byte below 0xff incremented (and what follows dropped). `[0]` means "no upper
+/// bound", for an empty prefix or one made only of 0xff bytes.
+pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    match prefix.iter().rposition(|&b| b < 0xff) {
+        Some(i) => {
+            let mut end = prefix[..=i].to_vec();
+            end[i] += 1;
+            end
+        }
+        None => vec![0],
+    }
+}
+
+/// The first key of a prefix range (`[0]` for the empty prefix: every key).
+fn range_start(prefix: &str) -> Vec<u8> {
+    if prefix.is_empty() {
+        vec![0]
+    } else {
+        prefix.as_bytes().to_vec()
+    }
+}
+
+/// What identifies a store and how far it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// The cluster id: changes when the store is replaced by a new one.
+    pub cluster_id: u64,
+    /// The id of the member that answered.
+    pub member_id: u64,
+    /// The current revision.
+    pub revision: i64,
+    /// The raft term of the answering member.
+    pub raft_term: u64,
+    /// The member id of the leader (0 when there is none).
+    pub leader: u64,
+    /// The server version string.
+    pub version: String,
+    /// The database size in bytes.
+    pub db_size: i64,
+}
+
+/// A stored key with its decoded value and metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<V> {
+    /// The key.
+    pub key: String,
+    /// The decoded value.
+    pub value: V,
+    /// The revision at which the key was (last) created.
+    pub create_revision: i64,
+    /// The revision of the last change to the key.
+    pub mod_revision: i64,
+    /// How many times the key was written since it was created (1 after creation).
+    pub version: i64,
+    /// The lease the key is attached to.
+    pub lease: Option<LeaseId>,
+}
+
+/// All the entries under a prefix, read at one revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing<V> {
+    /// The revision the listing was read at: watch from `revision + 1` to follow it.
+    pub revision: i64,
+    /// The entries, sorted by key.
+    pub entries: Vec<Entry<V>>,
+}
+
+/// What a compare-and-swap expects of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist.
+    Absent,
+    /// The key must have last been modified at this revision.
+    ModRevision(i64),
+}
+
+/// The result of a compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CasOutcome<V> {
+    /// Whether the expectation held and the value was written.
+    pub succeeded: bool,
+    /// The entry after the operation: the written one on success, the one that stood in
+    /// the way (or `None` if the key is absent) on failure.
+    pub current: Option<Entry<V>>,
+}
+
+struct Inner {
+    client: etcd_client::Client,
+    endpoints: String,
+    request_timeout: Duration,
+    limits: Limits,
+}
+
+/// A connection to a store. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct StoreClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for StoreClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreClient")
+            .field("endpoints", &self.inner.endpoints)
+            .field("request_timeout", &self.inner.request_timeout)
+            .field("limits", &self.inner.limits)
+            .finish()
+    }
+}
+
+impl StoreClient {
+    /// Validates the configuration, connects, and checks that the store answers (a status
+    /// request within the request timeout).
+    #[tracing::instrument(level = "info", skip_all, fields(endpoints = ?config.endpoints))]
+    pub async fn connect(config: &ClientConfig) -> Result<Self> {
+        let client = Self::connect_lazy(config).await?;
+        let status = client.status().await?;
+        tracing::debug!(
+            cluster_id = status.cluster_id,
+            member_id = status.member_id,
+            revision = status.revision,
+            "connected to store"
+        );
+        Ok(client)
+    }
+
+    /// Validates the configuration and sets the connection up without waiting for the
+    /// store: the first request connects. For callers that retry on their own.
+    pub async fn connect_lazy(config: &ClientConfig) -> Result<Self> {
+        let prepared = config.prepare()?;
+        let endpoints = prepared.endpoints.join(",");
+        let client = etcd_client::Client::connect(&prepared.endpoints, Some(prepared.options))
+            .await
+            .map_err(|source| ConfigError::Client { source })?;
+        Ok(StoreClient {
+            inner: Arc::new(Inner {
+                client,
+                endpoints,
+                request_timeout: config.request_timeout,
+                limits: config.limits,
+            }),
+        })
+    }
+
+    /// The endpoints, comma separated, with their scheme.
+    pub fn endpoints(&self) -> &str {
+        &self.inner.endpoints
+    }
+
+    /// The per-request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
+    /// The request size limits.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// The underlying `etcd_client` client, for what this layer does not cover.
+    pub fn etcd(&self) -> &etcd_client::Client {
+        &self.inner.client
+    }
+
+    /// A typed view of the store using `codec`.
+    pub fn typed<C: Codec>(&self, codec: C) -> TypedClient<C> {
+        TypedClient {
+            client: self.clone(),
+            codec,
+        }
+    }
+
+    /// A view that stores and returns raw bytes.
+    pub fn raw(&self) -> TypedClient<RawCodec> {
+        self.typed(RawCodec)
+    }
+
+    /// A view that stores `T` as JSON.
+    pub fn json<T>(&self) -> TypedClient<JsonCodec<T>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.typed(JsonCodec::new())
+    }
+
+    pub(crate) fn kv_client(&self) -> etcd_client::KvClient {
+        self.inner
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
+    }
+
+    pub(crate) fn watch_client(&self) -> etcd_client::WatchClient {
+        self.inner
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
+    }
+
+    pub(crate) fn lease_client(&self) -> etcd_client::LeaseClient {
+        self.inner.client.lease_client()
+    }
+
+    /// Runs one request with the request timeout and sorts its error.
+    pub(crate) async fn call<T>(
+        &self,
+        op: &'static str,
+        revision: Option<i64>,
+        lease: Option<LeaseId>,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.inner.request_timeout, request).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                let err = classify(op, &self.inner.endpoints, revision, lease, err);
+                tracing::debug!(op, error = %err, "store request failed");
+                Err(err)
+            }
+            Err(_) => Err(Error::Timeout {
+                op,
+                endpoints: self.inner.endpoints.clone(),
+                after: self.inner.request_timeout,
+            }),
+        }
+    }
+
+    /// The store's identity (cluster and member id) and current revision. A changed
+    /// `cluster_id`, or a revision that went backwards, means the store was replaced.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints()))]
+    pub async fn status(&self) -> Result<StoreStatus> {
+        let mut maintenance = self.inner.client.maintenance_client();
+        let resp = self
+            .call("status", None, None, maintenance.status())
+            .await?;
+        let header = resp.header().ok_or_else(|| Error::Protocol {
+            op: "status",
+            detail: "the status response has no header".to_owned(),
+        })?;
+        Ok(StoreStatus {
+            cluster_id: header.cluster_id(),
+            member_id: header.member_id(),
+            revision: header.revision(),
+            raft_term: header.raft_term(),
+            leader: resp.leader(),
+            version: resp.version().to_owned(),
+            db_size: resp.db_size(),
+        })
+    }
+
+    /// Deletes `key`; says whether it existed.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), key))]
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let mut kv = self.kv_client();
+        let resp = self
+            .call("delete", None, None, kv.delete(key, None))
+            .await?;
+        Ok(resp.deleted() > 0)
+    }
+
+    /// Deletes every key under `prefix` (every key for an empty prefix) in one request;
+    /// says how many were deleted.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), prefix))]
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        let mut kv = self.kv_client();
+        let options = DeleteOptions::new().with_range(prefix_range_end(prefix.as_bytes()));
+        let resp = self
+            .call(
+                "delete_prefix",
+                None,
+                None,
+                kv.delete(range_start(prefix), Some(options)),
+            )
+            .await?;
+        Ok(resp.deleted())
+    }
+
+    /// Compacts the store's history up to `revision` (physically, so that watches and
+    /// reads at older revisions fail right after).
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), revision))]
+    pub async fn compact(&self, revision: i64) -> Result<()> {
+        let mut kv = self.kv_client();
+        self.call(
+            "compact",
+            Some(revision),
+            None,
+            kv.compact(revision, Some(CompactionOptions::new().with_physical())),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Grants a lease of (at least) `ttl`, rounded up to whole seconds, and keeps it alive
+    /// in the background until the handle is revoked, stopped or dropped.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), ?ttl))]
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<LeaseHandle> {
+        lease::grant(self, ttl, None).await
+    }
+
+    /// Like [`grant_lease`](Self::grant_lease), and the keepalive also stops when
+    /// `shutdown` is canceled (the lease then expires after its TTL).
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), ?ttl))]
+    pub async fn grant_lease_with_shutdown(
+        &self,
+        ttl: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<LeaseHandle> {
+        lease::grant(self, ttl, Some(shutdown)).await
+    }
+
+    /// Revokes a lease, deleting its keys. A lease that does not exist counts as revoked.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), lease = %id))]
+    pub async fn revoke_lease(&self, id: LeaseId) -> Result<()> {
+        let mut lease_client = self.lease_client();
+        match self
+            .call("lease_revoke", None, Some(id), lease_client.revoke(id.0))
+            .await
+        {
+            Ok(_) | Err(Error::LeaseNotFound { .. }) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The remaining TTL of a lease, or `None` if it does not exist (expired or revoked).
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), lease = %id))]
+    pub async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
+        let mut lease_client = self.lease_client();
+        let resp = match self
+            .call(
+                "lease_time_to_live",
+                None,
+                Some(id),
+                lease_client.time_to_live(id.0, None),
+            )
+            .await
+        {
+            Ok(resp) => resp,
+            Err(Error::LeaseNotFound { .. }) => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        if resp.ttl() < 0 {
+            Ok(None)
+        } else {
+            Ok(Some(Duration::from_secs(resp.ttl() as u64)))
+        }
+    }
+}
+
+/// A [`StoreClient`] with a [`Codec`]: reads and writes typed values.
+#[derive(Debug, Clone)]
+pub struct TypedClient<C> {
+    client: StoreClient,
+    codec: C,
+}
+
+impl<C: Codec> TypedClient<C> {
+    /// The connection.
+    pub fn store(&self) -> &StoreClient {
+        &self.client
+    }
+
+    /// The codec.
+    pub fn codec(&self) -> &C {
+        &self.codec
+    }
+
+    fn encode(&self, key: &str, value: &C::Value) -> Result<Vec<u8>> {
+        self.codec.encode(value).map_err(|err| Error::Encode {
+            key: key.to_owned(),
+            source: Box::new(err),
+        })
+    }
+
+    fn decode_entry(&self, kv: KeyValue) -> Result<Entry<C::Value>> {
+        let create_revision = kv.create_revision();
+        let mod_revision = kv.mod_revision();
+        let version = kv.version();
+        let lease = (kv.lease() != 0).then_some(LeaseId(kv.lease()));
+        let (key, value) = kv.into_key_value();
+        let key = String::from_utf8(key).map_err(|err| {
+            let lossy = String::from_utf8_lossy(err.as_bytes()).into_owned();
+            Error::Decode {
+                key: lossy,
+                source: Box::new(err.utf8_error()),
+            }
+        })?;
+        match self.codec.decode(value) {
+            Ok(value) => Ok(Entry {
+                key,
+                value,
+                create_revision,
+                mod_revision,
+                version,
+                lease,
+            }),
+            Err(err) => Err(Error::Decode {
+                key,
+                source: Box::new(err),
+            }),
+        }
+    }
+
+    /// Reads one key.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), key))]
+    pub async fn get(&self, key: &str) -> Result<Option<Entry<C::Value>>> {
+        let mut kv = self.client.kv_client();
+        let mut resp = self
+            .client
+            .call("get", None, None, kv.get(key, None))
+            .await?;
+        resp.take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| self.decode_entry(kv))
+            .transpose()
+    }
+
+    /// Lists every key under `prefix` (every key for an empty prefix) at one revision,
+    /// page by page (`limits.list_page_size` keys per request). Fails on the first value
+    /// that does not decode, naming its key. If the revision is compacted between pages,
+    /// the listing starts over (a few times) at the new current revision.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), prefix))]
+    pub async fn list_prefix(&self, prefix: &str) -> Result<Listing<C::Value>> {
+        let (listing, _) = self.list(prefix, true).await?;
+        Ok(listing)
+    }
+
+    /// Like [`list_prefix`](Self::list_prefix), but entries that do not decode are left
+    /// out of the listing and returned as [`Error::Decode`] errors beside it.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), prefix))]
+    pub async fn list_prefix_lenient(
+        &self,
+        prefix: &str,
+    ) -> Result<(Listing<C::Value>, Vec<Error>)> {
+        self.list(prefix, false).await
+    }
+
+    async fn list(&self, prefix: &str, strict: bool) -> Result<(Listing<C::Value>, Vec<Error>)> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut entries = Vec::new();
+            let mut invalid = Vec::new();
+            let result = self
+                .list_pages(prefix, |kv| match self.decode_entry(kv) {
+                    Ok(entry) => {
+                        entries.push(entry);
+                        Ok(())
+                    }
+                    Err(err) if !strict => {
+                        invalid.push(err);
+                        Ok(())
+                    }
+                    Err(err) => Err(err),
+                })
+                .await;
+            match result {
+                Ok(revision) => return Ok((Listing { revision, entries }, invalid)),
+                Err(err @ Error::Compacted { .. }) if attempt < LIST_ATTEMPTS => {
+                    tracing::debug!(error = %err, attempt, "listing revision compacted, listing again");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Reads the prefix page by page at the revision of the first page; returns it.
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        mut each: impl FnMut(KeyValue) -> Result<()>,
+    ) -> Result<i64> {
+        let end = prefix_range_end(prefix.as_bytes());
+        let page = i64::from(self.client.limits().list_page_size);
+        let mut start = range_start(prefix);
+        let mut revision = 0i64;
+        let mut kv = self.client.kv_client();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut resp = self
+                .client
+                .call(
+                    "list_prefix",
+                    (revision > 0).then_some(revision),
+                    None,
+                    kv.get(start.clone(), Some(options)),
+                )
+                .await?;
+            if revision == 0 {
+                revision = resp
+                    .header()
+                    .map(|h| h.revision())
+                    .ok_or_else(|| Error::Protocol {
+                        op: "list_prefix",
+                        detail: "the range response has no header".to_owned(),
+                    })?;
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last() else {
+                return Ok(revision);
+            };
+            // Continue right after the last key of this page.
+            start = last.key().to_vec();
+            start.push(0);
+            for kv in kvs {
+                each(kv)?;
+            }
+            if !more {
+                return Ok(revision);
+            }
+        }
+    }
+
+    /// Writes `value` under `key`, attached to `lease` if given; returns the revision of
+    /// the write.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), key))]
+    pub async fn put(&self, key: &str, value: &C::Value, lease: Option<LeaseId>) -> Result<i64> {
+        let bytes = self.encode(key, value)?;
+        let options = lease.map(|id| PutOptions::new().with_lease(id.0));
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .client
+            .call("put", None, lease, kv.put(key, bytes, options))
+            .await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
+    }
+
+    /// Deletes `key`; says whether it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        self.client.delete(key).await
+    }
+
+    /// Deletes every key under `prefix`; says how many were deleted.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        self.client.delete_prefix(prefix).await
+    }
+
+    /// Writes `value` under `key` only if the key is as expected (absent, or last modified
+    /// at a given revision), in one transaction. Returns whether it was written and the
+    /// entry now under the key.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), key, ?expect))]
+    pub async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: &C::Value,
+        lease: Option<LeaseId>,
+    ) -> Result<CasOutcome<C::Value>> {
+        let bytes = self.encode(key, value)?;
+        let expected = match expect {
+            Expect::Absent => 0,
+            Expect::ModRevision(revision) => revision,
+        };
+        let options = lease.map(|id| PutOptions::new().with_lease(id.0));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(key, bytes, options), TxnOp::get(key, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .client
+            .call("compare_and_swap", None, lease, kv.txn(txn))
+            .await?;
+        let succeeded = resp.succeeded();
+        let mut current = None;
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(mut get) = op {
+                current = get.take_kvs().into_iter().next();
+            }
+        }
+        let current = current.map(|kv| self.decode_entry(kv)).transpose()?;
+        Ok(CasOutcome { succeeded, current })
+    }
+
+    /// Deletes `key` only if it was last modified at `mod_revision`; says whether it was
+    /// deleted.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), key, mod_revision))]
+    pub async fn compare_and_delete(&self, key: &str, mod_revision: i64) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::delete(key, None)]);
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .client
+            .call("compare_and_delete", None, None, kv.txn(txn))
+            .await?;
+        Ok(resp.succeeded())
+    }
+
+    /// Writes many entries, all attached to `lease` if given, in as few transactions as
+    /// the limits allow. See [`apply_batch`](Self::apply_batch).
+    pub async fn put_many<I, K>(&self, entries: I, lease: Option<LeaseId>) -> Result<BatchOutcome>
+    where
+        I: IntoIterator<Item = (K, C::Value)>,
+        K: Into<String>,
+    {
+        self.apply_batch(entries.into_iter().map(|(key, value)| Op::Put {
+            key: key.into(),
+            value,
+            lease,
+        }))
+        .await
+    }
+
+    /// Applies puts and deletes in order, grouped into transactions of at most
+    /// `limits.txn_max_ops` operations and about `limits.txn_max_bytes` bytes, never
+    /// writing a key twice in one transaction. Each transaction is atomic; the batch as a
+    /// whole is not: on failure, [`Error::BatchFailed`] says how many operations (from the
+    /// start) were applied. Every value is encoded before anything is written.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints()))]
+    pub async fn apply_batch(
+        &self,
+        ops: impl IntoIterator<Item = Op<C::Value>>,
+    ) -> Result<BatchOutcome> {
+        let mut encoded: Vec<(String, Option<Vec<u8>>, Option<LeaseId>)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Put { key, value, lease } => {
+                    let bytes = self.encode(&key, &value)?;
+                    encoded.push((key, Some(bytes), lease));
+                }
+                Op::Delete { key } => encoded.push((key, None, None)),
+            }
+        }
+        let limits = self.client.limits();
+        let ranges = batch::plan(
+            encoded
+                .iter()
+                .map(|(key, value, _)| (key.as_str(), value.as_ref().map_or(0, Vec::len))),
+            &limits,
+        );
+        let total = encoded.len();
+        let mut outcome = BatchOutcome::default();
+        let mut kv = self.client.kv_client();
+        let mut ops = encoded.into_iter();
+        for range in ranges {
+            let mut lease_used = None;
+            let txn_ops: Vec<TxnOp> = ops
+                .by_ref()
+                .take(range.len())
+                .map(|(key, value, lease)| match value {
+                    Some(bytes) => {
+                        lease_used = lease_used.or(lease);
+                        let options = lease.map(|id| PutOptions::new().with_lease(id.0));
+                        TxnOp::put(key, bytes, options)
+                    }
+                    None => TxnOp::delete(key, None),
+                })
+                .collect();
+            let txn = Txn::new().and_then(txn_ops);
+            match self
+                .client
+                .call("apply_batch", None, lease_used, kv.txn(txn))
+                .await
+            {
+                Ok(resp) => {
+                    outcome.ops += range.len();
+                    outcome.txns += 1;
+                    outcome.revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+                }
+                Err(err) => {
+                    return Err(Error::BatchFailed {
+                        applied: outcome.ops,
+                        total,
+                        source: Box::new(err),
+                    });
+                }
+            }
+        }
+        tracing::debug!(ops = outcome.ops, txns = outcome.txns, "batch applied");
+        Ok(outcome)
+    }
+
+    /// Watches every key under `prefix`, from `from_revision` (inclusive; 0 means "from
+    /// now"), with the default [`WatchConfig`]. Returns once the store confirmed the watch.
+    /// To follow a [`Listing`], watch from `listing.revision + 1`.
+    pub async fn watch_prefix(
+        &self,
+        prefix: &str,
+        from_revision: i64,
+    ) -> Result<WatchStream<C::Value>> {
+        self.watch_prefix_with(prefix, from_revision, &WatchConfig::default())
+            .await
+    }
+
+    /// Like [`watch_prefix`](Self::watch_prefix) with an explicit configuration.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), prefix, from_revision))]
+    pub async fn watch_prefix_with(
+        &self,
+        prefix: &str,
+        from_revision: i64,
+        config: &WatchConfig,
+    ) -> Result<WatchStream<C::Value>> {
+        watch::watch_prefix(
+            &self.client,
+            self.codec.clone(),
+            prefix,
+            from_revision,
+            config,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_range_end_increments_the_last_byte() {
+        assert_eq!(
+            prefix_range_end(b"cilium/state/"),
+            b"cilium/state0".to_vec()
+        );
+        assert_eq!(prefix_range_end(b"a"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b"a\xfe\xff\xff"), b"a\xff".to_vec());
+        assert_eq!(prefix_range_end(b""), vec![0]);
+        assert_eq!(prefix_range_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn every_key_with_the_prefix_is_in_range() {
+        for prefix in [&b"p/"[..], b"p\xff", b"\x00", b"z"] {
+            let end = prefix_range_end(prefix);
+            for suffix in [&b""[..], b"\x00", b"\xff\xff", b"x/y"] {
+                let key = [prefix, suffix].concat();
+                assert!(key.as_slice() >= prefix);
+                assert!(end == [0] || key < end, "{key:?} not below {end:?}");
+            }
+            // The next key after the prefix range is outside it.
+            if end != [0] {
+                assert!(!end.starts_with(prefix));
+            }
+        }
+    }
+
+    #[test]
+    fn empty_prefix_means_every_key() {
+        assert_eq!(range_start(""), vec![0]);
+        assert_eq!(range_start("a"), b"a".to_vec());
+    }
+}

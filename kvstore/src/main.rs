@@ -1,0 +1,184 @@
+//! `kvstore`: runs the embedded etcd-compatible store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use kvstore::server::{DEFAULT_MAX_REQUEST_BYTES, Server, ServerConfig, TlsFiles};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a command line or configuration that cannot work (sysexits' EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kvstore",
+    version,
+    about = "An embedded etcd-v3-compatible store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the etcd v3 API from a data directory.
+    Serve(ServeArgs),
+}
+
+#[derive(Parser, Debug)]
+struct ServeArgs {
+    /// Address to serve clients on.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    listen: SocketAddr,
+    /// Directory holding the store; created if missing.
+    #[arg(long, default_value = "kvstore.data")]
+    data_dir: PathBuf,
+    /// Server certificate (PEM); serving TLS needs --key too.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to; turns on mutual TLS.
+    #[arg(long, requires = "cert")]
+    cacert: Option<PathBuf>,
+    /// Largest request accepted, in bytes (etcd's --max-request-bytes).
+    #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 31)))]
+    max_request_bytes: u64,
+    /// Interval between watch progress notifications, e.g. 500ms, 10s, 10m.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    watch_progress_notify_interval: Duration,
+    /// How long shutdown waits for open streams.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    if duration.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(duration)
+}
+
+impl ServeArgs {
+    fn config(self) -> anyhow::Result<ServerConfig> {
+        for (flag, path) in [
+            ("--cert", &self.cert),
+            ("--key", &self.key),
+            ("--cacert", &self.cacert),
+        ] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                bail!("{flag} {}: no such file", path.display());
+            }
+        }
+        if self.data_dir.exists() && !self.data_dir.is_dir() {
+            bail!(
+                "--data-dir {}: exists and is not a directory",
+                self.data_dir.display()
+            );
+        }
+        let mut config = ServerConfig::new(self.listen, self.data_dir);
+        config.tls = match (self.cert, self.key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.cacert,
+            }),
+            _ => None,
+        };
+        config.max_request_bytes = usize::try_from(self.max_request_bytes)
+            .context("--max-request-bytes does not fit this platform")?;
+        config.progress_interval = self.watch_progress_notify_interval;
+        config.shutdown_grace = self.shutdown_grace;
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let Command::Serve(args) = cli.command;
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let server = Server::start(config, cancel.clone()).await?;
+    let signals = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        signals.cancel();
+    });
+    server.wait().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

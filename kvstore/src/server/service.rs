@@ -1,0 +1,350 @@
+//! The etcd v3 gRPC services, served from the traits `etcd-client` generates from etcd's own
+//! protos, so the wire format cannot drift from what clients speak.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::proto::*;
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::applier::{Applier, Shared};
+use super::mvcc::{KvError, WriteRequest, WriteResponse, check_txn, txn_writes};
+
+/// What every service needs: the shared state, the write path and the limits.
+#[derive(Clone, Debug)]
+pub struct Services {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) applier: Applier,
+    pub(crate) max_request_bytes: usize,
+    pub(crate) progress_interval: Duration,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) version: &'static str,
+}
+
+impl From<KvError> for Status {
+    fn from(error: KvError) -> Self {
+        let message = error.to_string();
+        match error {
+            KvError::EmptyKey
+            | KvError::KeyNotFound
+            | KvError::ValueProvided
+            | KvError::LeaseProvided
+            | KvError::TooManyOps
+            | KvError::DuplicateKey
+            | KvError::RequestTooLarge => Status::invalid_argument(message),
+            KvError::Compacted | KvError::FutureRevision | KvError::LeaseTtlTooLarge => {
+                Status::out_of_range(message)
+            }
+            KvError::LeaseNotFound => Status::not_found(message),
+            KvError::LeaseExists => Status::failed_precondition(message),
+            KvError::Stopped | KvError::Storage(_) => Status::unavailable(message),
+        }
+    }
+}
+
+impl Services {
+    fn check_size(&self, request: &impl Message) -> Result<(), Status> {
+        if request.encoded_len() > self.max_request_bytes {
+            return Err(KvError::RequestTooLarge.into());
+        }
+        Ok(())
+    }
+
+    async fn write(&self, request: WriteRequest) -> Result<WriteResponse, Status> {
+        Ok(self.applier.submit(request).await?)
+    }
+
+    fn header(&self) -> PbResponseHeader {
+        self.shared.read().header(self.shared.visible())
+    }
+}
+
+fn unexpected(response: WriteResponse) -> Status {
+    Status::internal(format!(
+        "applier answered with the wrong kind: {response:?}"
+    ))
+}
+
+#[tonic::async_trait]
+impl PbKvService for Services {
+    type RangeStreamStream = BoxStream<PbRangeStreamResponse>;
+
+    async fn range_stream(
+        &self,
+        _: Request<PbRangeRequest>,
+    ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        unimplemented("RangeStream")
+    }
+
+    async fn range(
+        &self,
+        request: Request<PbRangeRequest>,
+    ) -> Result<Response<PbRangeResponse>, Status> {
+        let request = request.into_inner();
+        let visible = self.shared.visible();
+        Ok(Response::new(self.shared.read().range(&request, visible)?))
+    }
+
+    async fn put(&self, request: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
+        let request = request.into_inner();
+        self.check_size(&request)?;
+        match self.write(WriteRequest::Put(request)).await? {
+            WriteResponse::Put(r) => Ok(Response::new(r)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<PbDeleteRequest>,
+    ) -> Result<Response<PbDeleteResponse>, Status> {
+        let request = request.into_inner();
+        self.check_size(&request)?;
+        match self.write(WriteRequest::Delete(request)).await? {
+            WriteResponse::Delete(r) => Ok(Response::new(r)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn txn(&self, request: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
+        let request = request.into_inner();
+        self.check_size(&request)?;
+        if !txn_writes(&request) {
+            check_txn(&request)?;
+            let visible = self.shared.visible();
+            return Ok(Response::new(
+                self.shared.read().read_txn(&request, visible)?,
+            ));
+        }
+        match self.write(WriteRequest::Txn(request)).await? {
+            WriteResponse::Txn(r) => Ok(Response::new(r)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn compact(
+        &self,
+        request: Request<PbCompactionRequest>,
+    ) -> Result<Response<PbCompactionResponse>, Status> {
+        match self
+            .write(WriteRequest::Compact(request.into_inner().revision))
+            .await?
+        {
+            WriteResponse::Compact(r) => Ok(Response::new(r)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl PbWatchService for Services {
+    type WatchStream = BoxStream<PbWatchResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<PbWatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(super::watch::serve(
+            self.shared.clone(),
+            request.into_inner(),
+            tx,
+            self.progress_interval,
+            self.cancel.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl PbLeaseService for Services {
+    type LeaseKeepAliveStream = BoxStream<PbLeaseKeepAliveResponse>;
+
+    async fn lease_grant(
+        &self,
+        request: Request<PbLeaseGrantRequest>,
+    ) -> Result<Response<PbLeaseGrantResponse>, Status> {
+        let request = request.into_inner();
+        let grant = WriteRequest::LeaseGrant {
+            id: request.id,
+            ttl: request.ttl,
+        };
+        match self.write(grant).await? {
+            WriteResponse::LeaseGrant(r) => Ok(Response::new(r)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<PbLeaseRevokeRequest>,
+    ) -> Result<Response<PbLeaseRevokeResponse>, Status> {
+        match self
+            .write(WriteRequest::LeaseRevoke(request.into_inner().id))
+            .await?
+        {
+            WriteResponse::LeaseRevoke(r) => Ok(Response::new(r)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<PbLeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut requests = request.into_inner();
+        let shared = self.shared.clone();
+        let cancel = self.cancel.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    next = requests.next() => next,
+                };
+                let Some(Ok(request)) = next else { return };
+                // An unknown lease is answered with TTL 0, as etcd does, not with an error.
+                let ttl = shared.write().lease_keep_alive(request.id).unwrap_or(0);
+                let response = PbLeaseKeepAliveResponse {
+                    header: Some(shared.read().header(shared.visible())),
+                    id: request.id,
+                    ttl,
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<PbLeaseTimeToLiveRequest>,
+    ) -> Result<Response<PbLeaseTimeToLiveResponse>, Status> {
+        let request = request.into_inner();
+        let ttl = self.shared.read().lease_ttl(request.id, request.keys);
+        let response = match ttl {
+            Some(ttl) => PbLeaseTimeToLiveResponse {
+                header: Some(self.header()),
+                id: request.id,
+                ttl: ttl.remaining,
+                granted_ttl: ttl.granted,
+                keys: ttl.keys,
+            },
+            // etcd answers an unknown lease with TTL -1 rather than an error.
+            None => PbLeaseTimeToLiveResponse {
+                header: Some(self.header()),
+                id: request.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn lease_leases(
+        &self,
+        _request: Request<PbLeaseLeasesRequest>,
+    ) -> Result<Response<PbLeaseLeasesResponse>, Status> {
+        let leases = self
+            .shared
+            .read()
+            .lease_ids()
+            .into_iter()
+            .map(|id| PbLeaseStatus { id })
+            .collect();
+        Ok(Response::new(PbLeaseLeasesResponse {
+            header: Some(self.header()),
+            leases,
+        }))
+    }
+}
+
+fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(format!(
+        "{what} is not implemented by the embedded store"
+    )))
+}
+
+#[tonic::async_trait]
+impl PbMaintenanceService for Services {
+    type SnapshotStream = BoxStream<PbSnapshotResponse>;
+
+    async fn alarm(&self, _: Request<PbAlarmRequest>) -> Result<Response<PbAlarmResponse>, Status> {
+        // No alarms are ever raised here; answering (rather than refusing) lets etcdctl's
+        // `alarm list` and health checks work.
+        Ok(Response::new(PbAlarmResponse {
+            header: Some(self.header()),
+            alarms: Vec::new(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<PbStatusRequest>,
+    ) -> Result<Response<PbStatusResponse>, Status> {
+        let header = self.header();
+        let db_size = self.shared.storage().size_on_disk() as i64;
+        Ok(Response::new(PbStatusResponse {
+            version: self.version.to_string(),
+            db_size,
+            db_size_in_use: db_size,
+            leader: header.member_id,
+            raft_index: header.revision as u64,
+            raft_term: header.raft_term,
+            raft_applied_index: header.revision as u64,
+            header: Some(header),
+            ..PbStatusResponse::default()
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _: Request<PbDefragmentRequest>,
+    ) -> Result<Response<PbDefragmentResponse>, Status> {
+        unimplemented("Defragment")
+    }
+
+    async fn hash(&self, _: Request<PbHashRequest>) -> Result<Response<PbHashResponse>, Status> {
+        unimplemented("Hash")
+    }
+
+    async fn hash_kv(
+        &self,
+        _: Request<PbHashKvRequest>,
+    ) -> Result<Response<PbHashKvResponse>, Status> {
+        unimplemented("HashKV")
+    }
+
+    async fn snapshot(
+        &self,
+        _: Request<PbSnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        unimplemented("Snapshot")
+    }
+
+    async fn move_leader(
+        &self,
+        _: Request<PbMoveLeaderRequest>,
+    ) -> Result<Response<PbMoveLeaderResponse>, Status> {
+        unimplemented("MoveLeader")
+    }
+
+    async fn downgrade(
+        &self,
+        _: Request<PbDowngradeRequest>,
+    ) -> Result<Response<PbDowngradeResponse>, Status> {
+        unimplemented("Downgrade")
+    }
+}

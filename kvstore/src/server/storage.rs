@@ -1,0 +1,627 @@
+//! Durable storage for the embedded store.
+//!
+//! The MVCC layer above keeps its key index in memory and asks storage only for what memory does
+//! not hold: historical records, the replay of a revision range for watchers, and the durable
+//! commit of each applied batch. That narrow surface is the seam where a replicated log (raft)
+//! slots in later: the applier hands it a batch, and the batch is durable when `commit` returns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+use super::wal::Wal;
+
+/// A revision as etcd defines it: `main` is the store-wide revision a write produced, `sub`
+/// orders the changes inside one write (the ops of one txn share `main`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision {
+    pub main: i64,
+    pub sub: i64,
+}
+
+impl Revision {
+    pub fn new(main: i64, sub: i64) -> Self {
+        Self { main, sub }
+    }
+
+    fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&(self.main as u64).to_be_bytes());
+        out[8..].copy_from_slice(&(self.sub as u64).to_be_bytes());
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, StorageError> {
+        let raw: [u8; 16] = bytes.try_into().map_err(|_| StorageError::Corrupt {
+            what: "revision key",
+            detail: format!("expected 16 bytes, found {}", bytes.len()),
+        })?;
+        let main = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes")) as i64;
+        let sub = u64::from_be_bytes(raw[8..].try_into().expect("8 bytes")) as i64;
+        Ok(Self { main, sub })
+    }
+}
+
+/// One change to one key, as stored under its revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+    /// A deletion: etcd's tombstone, which ends the key's current generation.
+    pub tombstone: bool,
+}
+
+const RECORD_FORMAT: u8 = 1;
+const FLAG_TOMBSTONE: u8 = 1;
+const RECORD_HEADER: usize = 1 + 1 + 8 + 8 + 8 + 4;
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RECORD_HEADER + self.key.len() + self.value.len());
+        out.push(RECORD_FORMAT);
+        out.push(if self.tombstone { FLAG_TOMBSTONE } else { 0 });
+        out.extend_from_slice(&self.create_revision.to_be_bytes());
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(&self.lease.to_be_bytes());
+        out.extend_from_slice(&(self.key.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.key);
+        out.extend_from_slice(&self.value);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
+        let corrupt = |detail: String| StorageError::Corrupt {
+            what: "record",
+            detail,
+        };
+        if bytes.len() < RECORD_HEADER {
+            return Err(corrupt(format!(
+                "{} bytes is shorter than a header",
+                bytes.len()
+            )));
+        }
+        if bytes[0] != RECORD_FORMAT {
+            return Err(corrupt(format!("unknown record format {}", bytes[0])));
+        }
+        let int = |at: usize| i64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let key_len = u32::from_be_bytes(bytes[26..30].try_into().expect("4 bytes")) as usize;
+        let rest = &bytes[RECORD_HEADER..];
+        if rest.len() < key_len {
+            return Err(corrupt(format!(
+                "key length {key_len} exceeds the {} bytes left",
+                rest.len()
+            )));
+        }
+        Ok(Self {
+            tombstone: bytes[1] & FLAG_TOMBSTONE != 0,
+            create_revision: int(2),
+            version: int(10),
+            lease: int(18),
+            key: rest[..key_len].to_vec(),
+            value: rest[key_len..].to_vec(),
+        })
+    }
+}
+
+/// Store-wide facts kept beside the records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    /// The newest revision; kept explicitly because compaction may remove its record.
+    pub current_revision: i64,
+    pub compact_revision: i64,
+}
+
+/// Everything one applied batch changes, made durable at once.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<(Revision, Record)>,
+    pub removed: Vec<Revision>,
+    pub leases_granted: Vec<(i64, i64)>,
+    pub leases_revoked: Vec<i64>,
+    pub meta: Option<Meta>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.removed.is_empty()
+            && self.leases_granted.is_empty()
+            && self.leases_revoked.is_empty()
+            && self.meta.is_none()
+    }
+}
+
+/// What a store holds when it opens.
+#[derive(Debug)]
+pub struct Loaded {
+    /// `None` for a brand-new store.
+    pub meta: Option<Meta>,
+    /// Every record in revision order.
+    pub records: Vec<(Revision, Record)>,
+    /// Lease id and granted TTL in seconds.
+    pub leases: Vec<(i64, i64)>,
+}
+
+/// Errors of the durable layer.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    /// The storage engine failed (I/O, a full disk, a lock held by another process).
+    #[error("storage engine: {0}")]
+    Engine(#[from] sled::Error),
+    /// Bytes on disk do not decode: the data directory is damaged or from another program.
+    #[error("corrupt {what} on disk: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    /// A file of the store could not be opened or synced.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking task that ran a storage call did not finish.
+    #[error("storage task failed: {0}")]
+    Task(String),
+}
+
+/// The durable layer the MVCC store runs on.
+pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
+    /// Reads the whole store at startup.
+    fn load(&self) -> Result<Loaded, StorageError>;
+    /// One historical record.
+    fn record(&self, rev: Revision) -> Result<Option<Record>, StorageError>;
+    /// Records with `from <= revision` and `revision.main <= through`, in revision order, at
+    /// most `limit` of them (the caller continues from the last revision it saw).
+    fn scan(
+        &self,
+        from: Revision,
+        through: i64,
+        limit: usize,
+    ) -> Result<Vec<(Revision, Record)>, StorageError>;
+    /// Applies a batch atomically; it is durable (fsynced) when this returns.
+    fn commit(&self, batch: Batch) -> Result<(), StorageError>;
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> u64;
+}
+
+const RECORD_PREFIX: u8 = b'r';
+const LEASE_PREFIX: u8 = b'l';
+const META_KEY: &[u8] = b"m/meta";
+/// Sequence number of the last log frame applied to sled, written in the same atomic batch.
+const APPLIED_KEY: &[u8] = b"m/applied";
+const WAL_FILE: &str = "wal";
+const SLED_LOG_FILE: &str = "db";
+
+/// [`Storage`] on sled behind a write-ahead log ([`Wal`]).
+///
+/// A commit is durable once its log frame is synced; sled then applies the batch atomically
+/// and flushes in the background. sled's own `flush` ends in `sync_file_range` on Linux, which
+/// neither flushes the device cache nor persists a grown file size, so it is never what an
+/// acknowledgement relies on: checkpoints follow it with an `fdatasync` of sled's file
+/// (fsync acts on the inode, whichever descriptor asks) before the log may be overwritten.
+#[derive(Debug)]
+pub struct SledStorage {
+    db: sled::Db,
+    sled_log: std::fs::File,
+    sled_log_path: PathBuf,
+    wal: Mutex<Wal>,
+}
+
+impl SledStorage {
+    /// Opens the store, replaying log frames sled had not made durable yet.
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(128 * 1024 * 1024)
+            .flush_every_ms(Some(200))
+            .open()?;
+        let sled_log_path = dir.join(SLED_LOG_FILE);
+        let sled_log = std::fs::File::open(&sled_log_path).map_err(|source| StorageError::Io {
+            path: sled_log_path.clone(),
+            source,
+        })?;
+        let (wal, frames) = Wal::open(&dir.join(WAL_FILE))?;
+        let mut applied = match db.get(APPLIED_KEY)? {
+            Some(raw) => {
+                u64::from_be_bytes(raw.as_ref().try_into().map_err(|_| StorageError::Corrupt {
+                    what: "applied log position",
+                    detail: format!("{} bytes", raw.len()),
+                })?)
+            }
+            None => 0,
+        };
+        let replay: Vec<_> = frames.into_iter().filter(|f| f.seq > applied).collect();
+        if let Some(first) = replay.first()
+            && first.seq != applied + 1
+        {
+            return Err(StorageError::Corrupt {
+                what: "write-ahead log",
+                detail: format!(
+                    "the store applied frame {applied} but the log continues at {}",
+                    first.seq
+                ),
+            });
+        }
+        for frame in &replay {
+            apply(&db, decode_batch(&frame.payload)?, frame.seq)?;
+            applied = frame.seq;
+        }
+        if !replay.is_empty() {
+            tracing::info!(frames = replay.len(), "replayed the write-ahead log");
+        }
+        let storage = Self {
+            db,
+            sled_log,
+            sled_log_path,
+            wal: Mutex::new(wal),
+        };
+        // Start the log afresh after a checkpoint, so numbering and replay stay contiguous.
+        storage.checkpoint()?;
+        let mut wal = storage.wal.lock().unwrap_or_else(|e| e.into_inner());
+        wal.wrap();
+        wal.continue_after(applied);
+        drop(wal);
+        Ok(storage)
+    }
+
+    /// Makes everything applied to sled durable, so the log behind it may be reused.
+    fn checkpoint(&self) -> Result<(), StorageError> {
+        self.db.flush()?;
+        self.sled_log
+            .sync_data()
+            .map_err(|source| StorageError::Io {
+                path: self.sled_log_path.clone(),
+                source,
+            })
+    }
+
+    fn record_key(rev: Revision) -> [u8; 17] {
+        let mut key = [0u8; 17];
+        key[0] = RECORD_PREFIX;
+        key[1..].copy_from_slice(&rev.to_bytes());
+        key
+    }
+
+    fn lease_key(id: i64) -> [u8; 9] {
+        let mut key = [0u8; 9];
+        key[0] = LEASE_PREFIX;
+        key[1..].copy_from_slice(&(id as u64).to_be_bytes());
+        key
+    }
+}
+
+/// Applies a batch to sled atomically, with the log position it came from.
+fn apply(db: &sled::Db, batch: Batch, seq: u64) -> Result<(), StorageError> {
+    let mut write = sled::Batch::default();
+    for (rev, record) in &batch.records {
+        write.insert(&SledStorage::record_key(*rev)[..], record.encode());
+    }
+    for rev in &batch.removed {
+        write.remove(&SledStorage::record_key(*rev)[..]);
+    }
+    for (id, ttl) in &batch.leases_granted {
+        write.insert(&SledStorage::lease_key(*id)[..], &ttl.to_be_bytes()[..]);
+    }
+    for id in &batch.leases_revoked {
+        write.remove(&SledStorage::lease_key(*id)[..]);
+    }
+    if let Some(meta) = &batch.meta {
+        write.insert(META_KEY, encode_meta(meta));
+    }
+    write.insert(APPLIED_KEY, &seq.to_be_bytes()[..]);
+    db.apply_batch(write)?;
+    Ok(())
+}
+
+fn encode_meta(meta: &Meta) -> Vec<u8> {
+    let mut out = Vec::with_capacity(33);
+    out.push(1);
+    out.extend_from_slice(&meta.cluster_id.to_be_bytes());
+    out.extend_from_slice(&meta.member_id.to_be_bytes());
+    out.extend_from_slice(&meta.current_revision.to_be_bytes());
+    out.extend_from_slice(&meta.compact_revision.to_be_bytes());
+    out
+}
+
+fn decode_meta(bytes: &[u8]) -> Result<Meta, StorageError> {
+    if bytes.len() != 33 || bytes[0] != 1 {
+        return Err(StorageError::Corrupt {
+            what: "store metadata",
+            detail: format!("{} bytes, format {:?}", bytes.len(), bytes.first()),
+        });
+    }
+    let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    Ok(Meta {
+        cluster_id: word(1),
+        member_id: word(9),
+        current_revision: word(17) as i64,
+        compact_revision: word(25) as i64,
+    })
+}
+
+/// A batch as one log frame's payload.
+fn encode_batch(batch: &Batch) -> Vec<u8> {
+    let mut out = Vec::new();
+    let count = |out: &mut Vec<u8>, n: usize| out.extend_from_slice(&(n as u32).to_be_bytes());
+    count(&mut out, batch.records.len());
+    for (rev, record) in &batch.records {
+        let encoded = record.encode();
+        out.extend_from_slice(&rev.to_bytes());
+        count(&mut out, encoded.len());
+        out.extend_from_slice(&encoded);
+    }
+    count(&mut out, batch.removed.len());
+    for rev in &batch.removed {
+        out.extend_from_slice(&rev.to_bytes());
+    }
+    count(&mut out, batch.leases_granted.len());
+    for (id, ttl) in &batch.leases_granted {
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&ttl.to_be_bytes());
+    }
+    count(&mut out, batch.leases_revoked.len());
+    for id in &batch.leases_revoked {
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    match &batch.meta {
+        Some(meta) => out.extend_from_slice(&encode_meta(meta)),
+        None => out.push(0),
+    }
+    out
+}
+
+/// Reads a log payload; every length is checked, so damage is an error, never a panic.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StorageError> {
+        if self.bytes.len() < n {
+            return Err(StorageError::Corrupt {
+                what: "log frame",
+                detail: format!("needs {n} more bytes, {} left", self.bytes.len()),
+            });
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<usize, StorageError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize)
+    }
+
+    fn i64(&mut self) -> Result<i64, StorageError> {
+        Ok(i64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<Batch, StorageError> {
+    let mut r = Reader { bytes };
+    let mut batch = Batch::default();
+    for _ in 0..r.u32()? {
+        let rev = Revision::from_bytes(r.take(16)?)?;
+        let len = r.u32()?;
+        batch.records.push((rev, Record::decode(r.take(len)?)?));
+    }
+    for _ in 0..r.u32()? {
+        batch.removed.push(Revision::from_bytes(r.take(16)?)?);
+    }
+    for _ in 0..r.u32()? {
+        let id = r.i64()?;
+        batch.leases_granted.push((id, r.i64()?));
+    }
+    for _ in 0..r.u32()? {
+        batch.leases_revoked.push(r.i64()?);
+    }
+    batch.meta = match r.bytes.first() {
+        Some(0) | None => None,
+        Some(_) => Some(decode_meta(r.take(33)?)?),
+    };
+    Ok(batch)
+}
+
+impl Storage for SledStorage {
+    fn load(&self) -> Result<Loaded, StorageError> {
+        let meta = self
+            .db
+            .get(META_KEY)?
+            .map(|raw| decode_meta(&raw))
+            .transpose()?;
+        let mut records = Vec::new();
+        for item in self.db.scan_prefix([RECORD_PREFIX]) {
+            let (key, value) = item?;
+            records.push((Revision::from_bytes(&key[1..])?, Record::decode(&value)?));
+        }
+        let mut leases = Vec::new();
+        for item in self.db.scan_prefix([LEASE_PREFIX]) {
+            let (key, value) = item?;
+            let id = key
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(|b: [u8; 8]| u64::from_be_bytes(b) as i64);
+            let ttl = value
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(|b: [u8; 8]| i64::from_be_bytes(b));
+            match (id, ttl) {
+                (Some(id), Some(ttl)) => leases.push((id, ttl)),
+                _ => {
+                    return Err(StorageError::Corrupt {
+                        what: "lease",
+                        detail: format!("key {key:?}"),
+                    });
+                }
+            }
+        }
+        Ok(Loaded {
+            meta,
+            records,
+            leases,
+        })
+    }
+
+    fn record(&self, rev: Revision) -> Result<Option<Record>, StorageError> {
+        self.db
+            .get(Self::record_key(rev))?
+            .map(|raw| Record::decode(&raw))
+            .transpose()
+    }
+
+    fn scan(
+        &self,
+        from: Revision,
+        through: i64,
+        limit: usize,
+    ) -> Result<Vec<(Revision, Record)>, StorageError> {
+        let start = Self::record_key(from);
+        let end = Self::record_key(Revision::new(through.saturating_add(1), 0));
+        let mut out = Vec::new();
+        for item in self.db.range(start..end).take(limit) {
+            let (key, value) = item?;
+            out.push((Revision::from_bytes(&key[1..])?, Record::decode(&value)?));
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let payload = encode_batch(&batch);
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        if wal.must_wrap(payload.len()) {
+            self.checkpoint()?;
+            wal.wrap();
+        }
+        let seq = wal.append(&payload)?;
+        apply(&self.db, batch, seq)
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &[u8], value: &[u8]) -> Record {
+        Record {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            create_revision: 2,
+            version: 1,
+            lease: 7,
+            tombstone: false,
+        }
+    }
+
+    #[test]
+    fn record_round_trips_including_empty_and_binary_parts() {
+        for (k, v) in [(&b"a"[..], &b""[..]), (b"\0\xff", b"\xff\0value")] {
+            let r = record(k, v);
+            assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn truncated_record_is_an_error_not_a_panic() {
+        let bytes = record(b"key", b"value").encode();
+        for cut in 0..RECORD_HEADER + 2 {
+            assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn batch_round_trips_through_a_log_frame_and_truncation_is_an_error() {
+        let batch = Batch {
+            records: vec![(Revision::new(4, 1), record(b"k", b"v"))],
+            removed: vec![Revision::new(2, 0)],
+            leases_granted: vec![(9, 30)],
+            leases_revoked: vec![8],
+            meta: Some(Meta {
+                cluster_id: 1,
+                member_id: 2,
+                current_revision: 4,
+                compact_revision: 2,
+            }),
+        };
+        let bytes = encode_batch(&batch);
+        let back = decode_batch(&bytes).unwrap();
+        assert_eq!(back.records, batch.records);
+        assert_eq!(back.removed, batch.removed);
+        assert_eq!(back.leases_granted, batch.leases_granted);
+        assert_eq!(back.leases_revoked, batch.leases_revoked);
+        assert_eq!(back.meta, batch.meta);
+        for cut in 0..bytes.len() - 33 {
+            assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn frames_logged_but_not_in_sled_are_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(&dir.path().join(WAL_FILE)).unwrap();
+            let batch = Batch {
+                records: vec![(Revision::new(2, 0), record(b"a", b"1"))],
+                ..Batch::default()
+            };
+            wal.append(&encode_batch(&batch)).unwrap();
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert_eq!(s.load().unwrap().records.len(), 1);
+        drop(s);
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert_eq!(s.load().unwrap().records.len(), 1);
+    }
+
+    #[test]
+    fn revision_keys_sort_like_revisions() {
+        let a = Revision::new(2, 9);
+        let b = Revision::new(3, 0);
+        assert!(a.to_bytes() < b.to_bytes());
+        assert_eq!(Revision::from_bytes(&a.to_bytes()).unwrap(), a);
+    }
+
+    #[test]
+    fn commit_then_reopen_sees_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.commit(Batch {
+                records: vec![
+                    (Revision::new(2, 0), record(b"a", b"1")),
+                    (Revision::new(3, 0), record(b"b", b"2")),
+                ],
+                leases_granted: vec![(5, 10)],
+                meta: Some(Meta {
+                    cluster_id: 1,
+                    member_id: 2,
+                    current_revision: 3,
+                    compact_revision: 0,
+                }),
+                ..Batch::default()
+            })
+            .unwrap();
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.records.len(), 2);
+        assert_eq!(loaded.leases, vec![(5, 10)]);
+        assert_eq!(loaded.meta.unwrap().current_revision, 3);
+        let scanned = s.scan(Revision::new(3, 0), 3, 10).unwrap();
+        assert_eq!(scanned.len(), 1);
+        assert_eq!(scanned[0].1.key, b"b");
+    }
+}

@@ -1,0 +1,15 @@
+//! Test and bench support shared by the workspace.
+//!
+//! Conformance, security and crash tests need the same three things: a real etcd to compare
+//! against, our own `kvstore serve` started the same way, and certificates for mTLS. Each
+//! [`StoreProcess`] owns one child process on free loopback ports with its own temp data dir,
+//! so tests run in parallel without sharing state, and the child is SIGKILLed on drop so a
+//! failing test does not leak servers.
+
+mod error;
+mod pki;
+mod process;
+
+pub use error::Error;
+pub use pki::{CertFiles, TestPki};
+pub use process::{Backend, DEFAULT_STARTUP_TIMEOUT, StoreOptions, StoreProcess, backends};
