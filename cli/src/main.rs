@@ -2,6 +2,7 @@
 //! by the library crates, so this file stays thin.
 
 mod certs_cmd;
+mod store_cmd;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,9 @@ enum Command {
     /// Make and bundle the mesh's certificates.
     #[command(subcommand)]
     Certs(certs_cmd::CertsCommand),
+    /// Operate on a cluster's store.
+    #[command(subcommand)]
+    Store(store_cmd::StoreCommand),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Certs(cmd) => certs_cmd::run(cmd),
+        Command::Store(cmd) => store_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,7 +58,8 @@ fn main() -> ExitCode {
             eprintln!("clustermesh: error: {err:#}");
             let usage = err
                 .downcast_ref::<certs::Error>()
-                .is_some_and(certs::Error::is_usage);
+                .is_some_and(certs::Error::is_usage)
+                || store_cmd::is_usage(&err);
             ExitCode::from(if usage { EXIT_USAGE } else { 1 })
         }
     }

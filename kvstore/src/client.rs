@@ -14,6 +14,7 @@ mod codec;
 mod config;
 mod error;
 mod lease;
+pub mod provision;
 mod watch;
 
 use std::future::Future;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use certs::ClusterName;
 use clap::{Parser, Subcommand};
 use kvstore::server::{DEFAULT_MAX_REQUEST_BYTES, Server, ServerConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
@@ -38,8 +39,9 @@ struct ServeArgs {
     /// Directory holding the store; created if missing.
     #[arg(long, default_value = "kvstore.data")]
     data_dir: PathBuf,
-    /// Server certificate (PEM); serving TLS needs --key too.
-    #[arg(long, requires = "key")]
+    /// Server certificate (PEM); serving TLS needs --key and --cacert too: clients must always
+    /// present a certificate, there is no anonymous TLS.
+    #[arg(long, requires_all = ["key", "cacert"])]
     cert: Option<PathBuf>,
     /// Server private key (PEM).
     #[arg(long, requires = "cert")]
@@ -47,6 +49,11 @@ struct ServeArgs {
     /// CA bundle (PEM) that client certificates must chain to; turns on mutual TLS.
     #[arg(long, requires = "cert")]
     cacert: Option<PathBuf>,
+    /// This store's cluster: turns on per-user access rules decided by the client
+    /// certificate's CN (`admin-<cluster>`, `remote-<peer>`, `local-<cluster>`; see
+    /// docs/security.md). Needs --cert/--key/--cacert.
+    #[arg(long, requires = "cacert", value_parser = parse_cluster_name)]
+    cluster_name: Option<ClusterName>,
     /// Largest request accepted, in bytes (etcd's --max-request-bytes).
     #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 31)))]
     max_request_bytes: u64,
@@ -56,6 +63,10 @@ struct ServeArgs {
     /// How long shutdown waits for open streams.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+}
+
+fn parse_cluster_name(text: &str) -> Result<ClusterName, String> {
+    ClusterName::new(text).map_err(|e| e.to_string())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -111,6 +122,7 @@ impl ServeArgs {
             .context("--max-request-bytes does not fit this platform")?;
         config.progress_interval = self.watch_progress_notify_interval;
         config.shutdown_grace = self.shutdown_grace;
+        config.access = self.cluster_name;
         Ok(config)
     }
 }

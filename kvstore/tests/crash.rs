@@ -51,10 +51,41 @@ fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
+/// A value as written or read back. Values are mostly short but some are hundreds of KiB (to
+/// push real volume through the store), so `Debug` shows only their head.
+#[derive(Clone, PartialEq, Eq)]
+struct Val(String);
+
+impl std::fmt::Debug for Val {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const HEAD: usize = 40;
+        if self.0.len() <= HEAD + 8 {
+            write!(f, "{:?}", self.0)
+        } else {
+            let head: String = self.0.chars().take(HEAD).collect();
+            write!(f, "{head:?}..(+{} bytes)", self.0.len() - head.len())
+        }
+    }
+}
+
+/// A unique tag, padded: usually to a few bytes, one time in ten to 16..256 KiB.
+fn padded(tag: String, rng: &mut StdRng) -> Val {
+    let pad = if rng.random_bool(0.1) {
+        rng.random_range(16 * 1024..256 * 1024)
+    } else {
+        rng.random_range(0..64)
+    };
+    let fill = char::from(b'a' + rng.random_range(0..26u8));
+    let mut v = tag;
+    v.push('|');
+    v.extend(std::iter::repeat_n(fill, pad));
+    Val(v)
+}
+
 /// What one journaled operation wrote.
 #[derive(Debug, Clone, PartialEq)]
 enum Write {
-    Put { value: String, lease: i64 },
+    Put { value: Val, lease: i64 },
     Delete,
 }
 
@@ -81,13 +112,13 @@ struct Journal {
 }
 
 /// A kv as read back: (value, create_revision, mod_revision, version, lease).
-type Row = (String, i64, i64, i64, i64);
+type Row = (Val, i64, i64, i64, i64);
 
 fn row(kv: &etcd_client::KeyValue) -> (String, Row) {
     (
         String::from_utf8_lossy(kv.key()).into_owned(),
         (
-            String::from_utf8_lossy(kv.value()).into_owned(),
+            Val(String::from_utf8_lossy(kv.value()).into_owned()),
             kv.create_revision(),
             kv.mod_revision(),
             kv.version(),
@@ -119,7 +150,7 @@ async fn writer(
     loop {
         seq += 1;
         let key = |rng: &mut StdRng| format!("{prefix}k{:02}", rng.random_range(0..KEYS_PER_ROUND));
-        let value = format!("t{task}-s{seq}");
+        let value = padded(format!("t{task}-s{seq}"), &mut rng);
         let dice = rng.random_range(0..100);
 
         if dice < 5 || (lease.is_none() && dice < 15) {
@@ -162,7 +193,7 @@ async fn writer(
             while b == a {
                 b = key(&mut rng);
             }
-            let value = format!("txn-{value}");
+            let value = Val(format!("txn-{}", value.0));
             (vec![a, b], Write::Put { value, lease: 0 }, 2)
         };
 
@@ -183,7 +214,7 @@ async fn writer(
                 let opts = (*lease != 0).then(|| PutOptions::new().with_lease(*lease));
                 match tokio::time::timeout(
                     OP_TIMEOUT,
-                    client.put(keys[0].as_str(), value.as_str(), opts),
+                    client.put(keys[0].as_str(), value.0.as_str(), opts),
                 )
                 .await
                 {
@@ -207,8 +238,8 @@ async fn writer(
                 let txn = Txn::new()
                     .when([Compare::version(keys[0].as_str(), CompareOp::Greater, -1)])
                     .and_then([
-                        TxnOp::put(keys[0].as_str(), value.as_str(), None),
-                        TxnOp::put(keys[1].as_str(), value.as_str(), None),
+                        TxnOp::put(keys[0].as_str(), value.0.as_str(), None),
+                        TxnOp::put(keys[1].as_str(), value.0.as_str(), None),
                     ]);
                 match tokio::time::timeout(OP_TIMEOUT, client.txn(txn)).await {
                     Ok(Ok(resp)) if resp.succeeded() => {
@@ -280,7 +311,16 @@ async fn crash_rounds(backend: Backend) {
         // Every fifth round starts with a (physical) compaction at the current revision.
         if round % 5 == 4 {
             let mut c = store.client().await;
-            let (rev, _) = read_prefix(&mut c, "crash/").await;
+            let rev = c
+                .get(
+                    "crash/",
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: count before compaction: {e}"))
+                .header()
+                .expect("range header")
+                .revision();
             c.compact(
                 rev,
                 Some(etcd_client::CompactionOptions::new().with_physical()),
@@ -340,7 +380,12 @@ async fn crash_rounds(backend: Backend) {
             let err = c
                 .get(
                     "crash/",
-                    Some(GetOptions::new().with_prefix().with_revision(rev - 1)),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only()
+                            .with_revision(rev - 1),
+                    ),
                 )
                 .await
                 .err()
@@ -516,7 +561,7 @@ async fn verify_history(
     state: &BTreeMap<String, Row>,
     rng: &mut StdRng,
 ) {
-    let mut checks: Vec<(String, Option<String>, i64)> = Vec::new();
+    let mut checks: Vec<(String, Option<Val>, i64)> = Vec::new();
     for op in journal.ops.iter().filter(|o| o.acked.is_some() && !o.noop) {
         let rev = op.acked.unwrap();
         for key in &op.keys {
@@ -550,7 +595,7 @@ async fn verify_history(
     // A txn writes both its keys or neither: the partner of a present txn value must hold the
     // same value at that revision.
     for (key, (value, _, m, _, _)) in state {
-        if !value.starts_with("txn-") {
+        if !value.0.starts_with("txn-") {
             continue;
         }
         let op = journal

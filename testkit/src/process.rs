@@ -79,6 +79,9 @@ pub struct StoreOptions {
     pub data_dir: Option<PathBuf>,
     /// Overrides [`DEFAULT_STARTUP_TIMEOUT`].
     pub startup_timeout: Option<Duration>,
+    /// More command-line arguments for the store, after the ones derived from the fields above
+    /// (e.g. `--cluster-name a` for ours).
+    pub extra_args: Vec<String>,
 }
 
 /// A running store. Dropping it SIGKILLs the process (also when the test panics) and removes
@@ -346,6 +349,7 @@ impl StoreProcess {
                 }
             }
         }
+        cmd.args(&self.opts.extra_args);
         cmd
     }
 

@@ -5,6 +5,7 @@
 //! [`service`] maps gRPC calls onto all of that. Replication (raft) will slot in between the
 //! services and the applier: the applier already takes writes as an ordered stream.
 
+pub mod access;
 pub mod applier;
 pub mod mvcc;
 pub mod service;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use certs::ClusterName;
 use etcd_client::proto::{PbKvServer, PbLeaseServer, PbMaintenanceServer, PbWatchServer};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
@@ -51,6 +53,9 @@ pub struct ServerConfig {
     pub progress_interval: Duration,
     /// How long shutdown waits for open streams before it drops them.
     pub shutdown_grace: Duration,
+    /// The cluster this store belongs to: turns on the per-user access rules of
+    /// [`access`], which need client certificates.
+    pub access: Option<ClusterName>,
 }
 
 impl ServerConfig {
@@ -62,6 +67,7 @@ impl ServerConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
             shutdown_grace: Duration::from_secs(5),
+            access: None,
         }
     }
 }
@@ -86,6 +92,9 @@ pub enum ServerError {
     /// The TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Access rules decide by client certificate, so they need mutual TLS.
+    #[error("access rules (a cluster name) need TLS with a client CA bundle")]
+    AccessWithoutClientCerts,
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -108,11 +117,15 @@ impl Server {
         config: ServerConfig,
         cancel: CancellationToken,
     ) -> Result<Self, ServerError> {
+        if config.access.is_some() && config.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            return Err(ServerError::AccessWithoutClientCerts);
+        }
         let tls = config
             .tls
             .as_ref()
             .map(TlsFiles::server_config)
             .transpose()?;
+        let tls_files = config.tls.clone();
         let dir = config.data_dir.clone();
         let opened = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
             std::fs::create_dir_all(&dir).map_err(|source| StorageError::Io {
@@ -156,6 +169,7 @@ impl Server {
             progress_interval: config.progress_interval,
             cancel: cancel.clone(),
             version: API_VERSION,
+            access: config.access.clone(),
         };
         let decode_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let router = tonic::transport::Server::builder()
@@ -183,9 +197,10 @@ impl Server {
         let task = tokio::spawn(async move {
             let shutdown = serve_cancel.clone().cancelled_owned();
             let serving = async {
-                match tls {
-                    Some(tls) => {
-                        let incoming = tls::accept_loop(listener, tls, serve_cancel.clone());
+                match tls.zip(tls_files) {
+                    Some((tls, tls_files)) => {
+                        let incoming =
+                            tls::accept_loop(listener, tls_files, tls, serve_cancel.clone());
                         router
                             .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
                             .await

@@ -14,8 +14,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use certs::ClusterName;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use super::access::Role;
 use super::applier::{Applier, Shared};
-use super::mvcc::{KvError, WriteRequest, WriteResponse, check_txn, txn_writes};
+use super::mvcc::{KeyRange, KvError, WriteRequest, WriteResponse, check_txn, txn_writes};
 
 /// What every service needs: the shared state, the write path and the limits.
 #[derive(Clone, Debug)]
@@ -26,6 +30,44 @@ pub struct Services {
     pub(crate) progress_interval: Duration,
     pub(crate) cancel: CancellationToken,
     pub(crate) version: &'static str,
+    /// Our cluster when access rules are on; `None` gives every client full rights.
+    pub(crate) access: Option<ClusterName>,
+}
+
+/// etcd's answer to a request the user's role does not allow.
+pub const PERMISSION_DENIED: &str = "etcdserver: permission denied";
+
+fn denied() -> Status {
+    Status::permission_denied(PERMISSION_DENIED)
+}
+
+fn require(allowed: bool) -> Result<(), Status> {
+    if allowed { Ok(()) } else { Err(denied()) }
+}
+
+/// Reads of every compare and every op in both branches, nested ones too: a branch that will
+/// not run must still be allowed, or a txn could probe what it may not touch.
+fn txn_allowed(role: &Role, txn: &PbTxnRequest) -> bool {
+    txn.compare
+        .iter()
+        .all(|c| role.can_read(&KeyRange::new(&c.key, &c.range_end)))
+        && txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .all(|op| match &op.request {
+                Some(PbTxnOpRequest::RequestRange(r)) => {
+                    role.can_read(&KeyRange::new(&r.key, &r.range_end))
+                }
+                Some(PbTxnOpRequest::RequestPut(p)) => {
+                    role.can_write(&KeyRange::Single(p.key.clone()))
+                }
+                Some(PbTxnOpRequest::RequestDeleteRange(d)) => {
+                    role.can_write(&KeyRange::new(&d.key, &d.range_end))
+                }
+                Some(PbTxnOpRequest::RequestTxn(nested)) => txn_allowed(role, nested),
+                None => true,
+            })
 }
 
 impl From<KvError> for Status {
@@ -50,6 +92,23 @@ impl From<KvError> for Status {
 }
 
 impl Services {
+    /// The caller's rights, from the certificate it presented on this connection.
+    fn role<T>(&self, request: &Request<T>) -> Role {
+        let Some(us) = &self.access else {
+            return Role::Admin;
+        };
+        let leaf = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
+        match leaf.as_ref().and_then(|chain| chain.first()) {
+            Some(cert) => {
+                certs::User::from_certificate(cert).map_or(Role::Nobody, |user| Role::of(&user, us))
+            }
+            None => Role::Nobody,
+        }
+    }
+
     fn check_size(&self, request: &impl Message) -> Result<(), Status> {
         if request.encoded_len() > self.max_request_bytes {
             return Err(KvError::RequestTooLarge.into());
@@ -87,13 +146,17 @@ impl PbKvService for Services {
         &self,
         request: Request<PbRangeRequest>,
     ) -> Result<Response<PbRangeResponse>, Status> {
+        let role = self.role(&request);
         let request = request.into_inner();
+        require(role.can_read(&KeyRange::new(&request.key, &request.range_end)))?;
         let visible = self.shared.visible();
         Ok(Response::new(self.shared.read().range(&request, visible)?))
     }
 
     async fn put(&self, request: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
+        let role = self.role(&request);
         let request = request.into_inner();
+        require(role.can_write(&KeyRange::Single(request.key.clone())))?;
         self.check_size(&request)?;
         match self.write(WriteRequest::Put(request)).await? {
             WriteResponse::Put(r) => Ok(Response::new(r)),
@@ -105,7 +168,9 @@ impl PbKvService for Services {
         &self,
         request: Request<PbDeleteRequest>,
     ) -> Result<Response<PbDeleteResponse>, Status> {
+        let role = self.role(&request);
         let request = request.into_inner();
+        require(role.can_write(&KeyRange::new(&request.key, &request.range_end)))?;
         self.check_size(&request)?;
         match self.write(WriteRequest::Delete(request)).await? {
             WriteResponse::Delete(r) => Ok(Response::new(r)),
@@ -114,7 +179,9 @@ impl PbKvService for Services {
     }
 
     async fn txn(&self, request: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
+        let role = self.role(&request);
         let request = request.into_inner();
+        require(txn_allowed(&role, &request))?;
         self.check_size(&request)?;
         if !txn_writes(&request) {
             check_txn(&request)?;
@@ -133,6 +200,7 @@ impl PbKvService for Services {
         &self,
         request: Request<PbCompactionRequest>,
     ) -> Result<Response<PbCompactionResponse>, Status> {
+        require(self.role(&request).is_admin())?;
         match self
             .write(WriteRequest::Compact(request.into_inner().revision))
             .await?
@@ -153,9 +221,11 @@ impl PbWatchService for Services {
         &self,
         request: Request<Streaming<PbWatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let role = self.role(&request);
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(super::watch::serve(
             self.shared.clone(),
+            role,
             request.into_inner(),
             tx,
             self.progress_interval,
@@ -173,6 +243,7 @@ impl PbLeaseService for Services {
         &self,
         request: Request<PbLeaseGrantRequest>,
     ) -> Result<Response<PbLeaseGrantResponse>, Status> {
+        require(self.role(&request).is_admin())?;
         let request = request.into_inner();
         let grant = WriteRequest::LeaseGrant {
             id: request.id,
@@ -188,6 +259,7 @@ impl PbLeaseService for Services {
         &self,
         request: Request<PbLeaseRevokeRequest>,
     ) -> Result<Response<PbLeaseRevokeResponse>, Status> {
+        require(self.role(&request).is_admin())?;
         match self
             .write(WriteRequest::LeaseRevoke(request.into_inner().id))
             .await?
@@ -201,6 +273,7 @@ impl PbLeaseService for Services {
         &self,
         request: Request<Streaming<PbLeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        require(self.role(&request).is_admin())?;
         let mut requests = request.into_inner();
         let shared = self.shared.clone();
         let cancel = self.cancel.clone();
@@ -231,6 +304,7 @@ impl PbLeaseService for Services {
         &self,
         request: Request<PbLeaseTimeToLiveRequest>,
     ) -> Result<Response<PbLeaseTimeToLiveResponse>, Status> {
+        require(self.role(&request).is_admin())?;
         let request = request.into_inner();
         let ttl = self.shared.read().lease_ttl(request.id, request.keys);
         let response = match ttl {
@@ -255,8 +329,9 @@ impl PbLeaseService for Services {
 
     async fn lease_leases(
         &self,
-        _request: Request<PbLeaseLeasesRequest>,
+        request: Request<PbLeaseLeasesRequest>,
     ) -> Result<Response<PbLeaseLeasesResponse>, Status> {
+        require(self.role(&request).is_admin())?;
         let leases = self
             .shared
             .read()
@@ -281,7 +356,11 @@ fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
 impl PbMaintenanceService for Services {
     type SnapshotStream = BoxStream<PbSnapshotResponse>;
 
-    async fn alarm(&self, _: Request<PbAlarmRequest>) -> Result<Response<PbAlarmResponse>, Status> {
+    async fn alarm(
+        &self,
+        request: Request<PbAlarmRequest>,
+    ) -> Result<Response<PbAlarmResponse>, Status> {
+        require(self.role(&request).is_known())?;
         // No alarms are ever raised here; answering (rather than refusing) lets etcdctl's
         // `alarm list` and health checks work.
         Ok(Response::new(PbAlarmResponse {
@@ -292,8 +371,9 @@ impl PbMaintenanceService for Services {
 
     async fn status(
         &self,
-        _: Request<PbStatusRequest>,
+        request: Request<PbStatusRequest>,
     ) -> Result<Response<PbStatusResponse>, Status> {
+        require(self.role(&request).is_known())?;
         let header = self.header();
         let db_size = self.shared.storage().size_on_disk() as i64;
         Ok(Response::new(PbStatusResponse {

@@ -2,7 +2,7 @@
 //! verification, and an accept loop where one bad handshake never stops the listener.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls::RootCertStore;
@@ -97,14 +97,25 @@ impl TlsFiles {
     }
 }
 
+/// How often the TLS files are checked for changes.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The server configuration in force; replaced when the files change.
+type Current = Arc<RwLock<Arc<rustls::ServerConfig>>>;
+
 /// Accepts TCP connections and hands back those whose handshake succeeded.
+///
+/// Each handshake uses the newest configuration, so replaced certificates and CA bundles take
+/// effect for new connections without a restart while established ones (open watches) go on.
 pub fn accept_loop(
     listener: TcpListener,
+    files: TlsFiles,
     config: Arc<rustls::ServerConfig>,
     cancel: CancellationToken,
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
+    let current: Current = Arc::new(RwLock::new(config));
+    tokio::spawn(reload_on_change(files, current.clone(), cancel.clone()));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -121,7 +132,8 @@ pub fn accept_loop(
                 }
             };
             let _ = socket.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let config = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let acceptor = TlsAcceptor::from(config);
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
@@ -135,4 +147,43 @@ pub fn accept_loop(
         }
     });
     rx
+}
+
+/// The files' bytes, to notice a change whatever tool replaced them (rename, copy, editor).
+fn snapshot(files: &TlsFiles) -> Vec<Option<Vec<u8>>> {
+    [
+        Some(&files.cert),
+        Some(&files.key),
+        files.client_ca.as_ref(),
+    ]
+    .into_iter()
+    .map(|path| path.and_then(|p| std::fs::read(p).ok()))
+    .collect()
+}
+
+async fn reload_on_change(files: TlsFiles, current: Current, cancel: CancellationToken) {
+    let mut seen = snapshot(&files);
+    let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = snapshot(&files);
+        if now == seen {
+            continue;
+        }
+        match files.server_config() {
+            Ok(config) => {
+                *current.write().unwrap_or_else(|e| e.into_inner()) = config;
+                seen = now;
+                tracing::info!(cert = %files.cert.display(), "reloaded TLS certificates");
+            }
+            // A rotation in progress (the key written, the certificate not yet): keep serving
+            // with the old material and look again at the next tick.
+            Err(error) => {
+                tracing::warn!(%error, "changed TLS files do not load yet; keeping the previous ones")
+            }
+        }
+    }
 }

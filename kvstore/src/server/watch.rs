@@ -16,10 +16,14 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use super::access::Role;
 use super::applier::{Committed, Shared};
 use super::mvcc::{EVENT_DELETE, EVENT_PUT, KeyRange, KvError};
 use super::storage::Revision;
 
+/// etcd puts the whole gRPC error text of a permission denial into the cancel reason.
+const WATCH_PERMISSION_DENIED: &str =
+    "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 const FILTER_NOPUT: i32 = 0;
 const FILTER_NODELETE: i32 = 1;
 /// Catch-up responses hold about this many events, never splitting one revision.
@@ -74,6 +78,7 @@ enum Stop {
 /// Serves one Watch RPC until the client goes away or the server shuts down.
 pub async fn serve(
     shared: Arc<Shared>,
+    role: Role,
     mut requests: Streaming<PbWatchRequest>,
     tx: mpsc::Sender<Reply>,
     progress_interval: Duration,
@@ -82,6 +87,7 @@ pub async fn serve(
     let live = shared.subscribe();
     let mut stream = WatchStream {
         shared,
+        role,
         tx,
         watchers: BTreeMap::new(),
         next_id: 0,
@@ -129,6 +135,8 @@ pub async fn serve(
 
 struct WatchStream {
     shared: Arc<Shared>,
+    /// What the client's certificate allows; checked on every watch it creates.
+    role: Role,
     tx: mpsc::Sender<Reply>,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
@@ -183,6 +191,17 @@ impl WatchStream {
                     create.key
                 };
                 let range = KeyRange::new(&key, &create.range_end);
+                if !self.role.can_read(&range) {
+                    return self
+                        .send(PbWatchResponse {
+                            watch_id: create.watch_id,
+                            created: true,
+                            canceled: true,
+                            cancel_reason: WATCH_PERMISSION_DENIED.into(),
+                            ..self.header_at(visible)
+                        })
+                        .await;
+                }
                 if let KeyRange::Interval {
                     start,
                     end: Some(end),
