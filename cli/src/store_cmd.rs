@@ -30,8 +30,11 @@ Connect with the certificate of admin-<cluster>: once auth is on, only a root us
 change users and roles. Running it again is safe; add peers by running it with more
 --peer, remove them with --remove-peer (their remote-<peer> user is deleted).
 
-etcd 3.4 does not restrict lease grants, compaction or status to the admin the way the
-embedded store does: any provisioned user may call them.
+Limits of etcd 3.4.23's own checks (see kvstore::client::provision): transactions nested
+inside a transaction are not checked at all, so a peer could write through one; a from-key
+watch is checked on its start key only; leases, compaction and status are open to every
+user. Use an etcd release with the fixes (GHSA-rfx7-8w68-q57q, GHSA-xg4h-6gfc-h4m8), or the
+embedded store, which checks all of these.
 
 Exit status: 0 on success, 64 for usage or configuration errors, 1 otherwise.";
 
@@ -136,6 +139,14 @@ fn provision_auth(args: ProvisionArgs) -> anyhow::Result<()> {
             report.users_deleted = removed.users_deleted;
         }
         print!("{report}");
+        let version = client.status().await?.version;
+        if version.starts_with("3.4.") {
+            eprintln!(
+                "clustermesh: warning: etcd {version} does not check transactions nested in a \
+                 transaction nor the range of from-key watches, so peers are not fully \
+                 confined; see GHSA-rfx7-8w68-q57q and GHSA-xg4h-6gfc-h4m8 for fixed releases"
+            );
+        }
         let mut peers: Vec<String> = args.peers.iter().map(ToString::to_string).collect();
         peers.sort();
         peers.dedup();
@@ -176,5 +187,52 @@ fn check_admin_certificate(path: &Path, cluster: &ClusterName) -> anyhow::Result
             path.display()
         ))
         .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use certs::{Ca, CaParams};
+
+    fn cert_file(dir: &Path, cn: &User) -> PathBuf {
+        let ca = Ca::generate(&CaParams::default()).unwrap();
+        let issued = ca.issue_client(cn).unwrap();
+        let path = dir.join(format!("{cn}.crt"));
+        std::fs::write(&path, issued.cert_pem()).unwrap();
+        path
+    }
+
+    #[test]
+    fn only_our_admin_certificate_may_provision() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ClusterName::new("a").unwrap();
+        let admin = cert_file(dir.path(), &User::admin("a").unwrap());
+        check_admin_certificate(&admin, &a).unwrap();
+        for other in [User::admin("b").unwrap(), User::remote("a").unwrap()] {
+            let path = cert_file(dir.path(), &other);
+            let err = check_admin_certificate(&path, &a).unwrap_err();
+            assert!(is_usage(&err), "{err:#}");
+            let text = format!("{err:#}");
+            assert!(
+                text.contains(&other.cn()) && text.contains("admin-a"),
+                "{text}"
+            );
+        }
+        let missing = check_admin_certificate(&dir.path().join("none.crt"), &a).unwrap_err();
+        assert!(is_usage(&missing), "{missing:#}");
+    }
+
+    #[test]
+    fn usage_errors_are_told_apart() {
+        let a = ClusterName::new("a").unwrap();
+        let err = anyhow::Error::new(
+            provision::check_peer_changes(&a, std::slice::from_ref(&a), &[]).unwrap_err(),
+        );
+        assert!(is_usage(&err));
+        let config = ClientConfig::new(Vec::<String>::new());
+        let err = anyhow::Error::new(config.validate().unwrap_err()).context("validating");
+        assert!(is_usage(&err));
+        assert!(!is_usage(&anyhow::anyhow!("the store went away")));
     }
 }

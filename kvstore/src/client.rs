@@ -18,7 +18,7 @@ pub mod provision;
 mod watch;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use etcd_client::{
@@ -133,7 +133,11 @@ pub struct CasOutcome<V> {
 }
 
 struct Inner {
-    client: etcd_client::Client,
+    /// Replaced when the TLS files change, so new requests and streams use the new
+    /// certificates; streams already open keep the connection they started on.
+    client: Arc<RwLock<etcd_client::Client>>,
+    /// Stops the certificate reload task when the last clone of the client goes away.
+    _reload: Option<tokio_util::sync::DropGuard>,
     endpoints: String,
     request_timeout: Duration,
     limits: Limits,
@@ -179,9 +183,21 @@ impl StoreClient {
         let client = etcd_client::Client::connect(&prepared.endpoints, Some(prepared.options))
             .await
             .map_err(|source| ConfigError::Client { source })?;
+        let client = Arc::new(RwLock::new(client));
+        let reload = config.tls.as_ref().map(|tls| {
+            let stop = CancellationToken::new();
+            tokio::spawn(reload_on_change(
+                config.clone(),
+                tls.clone(),
+                client.clone(),
+                stop.clone(),
+            ));
+            stop.drop_guard()
+        });
         Ok(StoreClient {
             inner: Arc::new(Inner {
                 client,
+                _reload: reload,
                 endpoints,
                 request_timeout: config.request_timeout,
                 limits: config.limits,
@@ -204,9 +220,14 @@ impl StoreClient {
         self.inner.limits
     }
 
-    /// The underlying `etcd_client` client, for what this layer does not cover.
-    pub fn etcd(&self) -> &etcd_client::Client {
-        &self.inner.client
+    /// The underlying `etcd_client` client (the current one, after any certificate
+    /// reload), for what this layer does not cover.
+    pub fn etcd(&self) -> etcd_client::Client {
+        self.inner
+            .client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A typed view of the store using `codec`.
@@ -231,21 +252,19 @@ impl StoreClient {
     }
 
     pub(crate) fn kv_client(&self) -> etcd_client::KvClient {
-        self.inner
-            .client
+        self.etcd()
             .kv_client()
             .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
     }
 
     pub(crate) fn watch_client(&self) -> etcd_client::WatchClient {
-        self.inner
-            .client
+        self.etcd()
             .watch_client()
             .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
     }
 
     pub(crate) fn lease_client(&self) -> etcd_client::LeaseClient {
-        self.inner.client.lease_client()
+        self.etcd().lease_client()
     }
 
     /// Runs one request with the request timeout and sorts its error.
@@ -275,7 +294,7 @@ impl StoreClient {
     /// `cluster_id`, or a revision that went backwards, means the store was replaced.
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints()))]
     pub async fn status(&self) -> Result<StoreStatus> {
-        let mut maintenance = self.inner.client.maintenance_client();
+        let mut maintenance = self.etcd().maintenance_client();
         let resp = self
             .call("status", None, None, maintenance.status())
             .await?;
@@ -749,6 +768,56 @@ impl<C: Codec> TypedClient<C> {
             config,
         )
         .await
+    }
+}
+
+/// How often a client's TLS files are checked for changes.
+const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The files' bytes: a change is noticed whatever tool replaced them.
+fn tls_snapshot(tls: &TlsFiles) -> [Option<Vec<u8>>; 3] {
+    [Some(&tls.ca), tls.cert.as_ref(), tls.key.as_ref()]
+        .map(|path| path.and_then(|p| std::fs::read(p).ok()))
+}
+
+/// Reconnects with the new certificates when the files change. A rotation caught half-way
+/// (files that do not load together yet) is retried at the next tick with the old client
+/// still in use.
+async fn reload_on_change(
+    config: ClientConfig,
+    tls: TlsFiles,
+    client: Arc<RwLock<etcd_client::Client>>,
+    stop: CancellationToken,
+) {
+    let mut seen = tls_snapshot(&tls);
+    let mut tick = tokio::time::interval(TLS_RELOAD_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = tls_snapshot(&tls);
+        if now == seen {
+            continue;
+        }
+        let connected = match config.prepare() {
+            Ok(prepared) => {
+                etcd_client::Client::connect(&prepared.endpoints, Some(prepared.options))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match connected {
+            Ok(fresh) => {
+                *client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                seen = now;
+                tracing::info!(ca = %tls.ca.display(), "reloaded client TLS certificates");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "changed TLS files do not load yet; keeping the previous ones");
+            }
+        }
     }
 }
 

@@ -82,6 +82,9 @@ pub struct StoreOptions {
     /// More command-line arguments for the store, after the ones derived from the fields above
     /// (e.g. `--cluster-name a` for ours).
     pub extra_args: Vec<String>,
+    /// The CN that [`StoreProcess::client`] and the readiness probe present under TLS
+    /// (default `root`); a store with access rules needs one of its users, e.g. `admin-a`.
+    pub client_cn: Option<String>,
 }
 
 /// A running store. Dropping it SIGKILLs the process (also when the test panics) and removes
@@ -256,7 +259,10 @@ impl StoreProcess {
     pub fn connect_options(&self) -> ConnectOptions {
         let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
         match &self.opts.tls {
-            Some(pki) => opts.with_tls(pki.client("root").tls_options()),
+            Some(pki) => {
+                let cn = self.opts.client_cn.as_deref().unwrap_or("root");
+                opts.with_tls(pki.client(cn).tls_options())
+            }
             None => opts,
         }
     }

@@ -20,10 +20,23 @@
 //! certificate of `admin-<us>`: before auth is on any certificate may change users and roles,
 //! afterwards only a `root` user may, and `admin-<us>` is one.
 //!
-//! What etcd 3.4 does not check the way the embedded store does: any authenticated user may
-//! grant leases and keep them alive, ask for a lease's TTL, compact the store and read its
-//! status. Key reads and writes (ranges, puts, deletes, transactions with their compares and
-//! nested branches, watches) are checked the same way by both.
+//! # What etcd 3.4 (3.4.23, checked by `kvstore/tests/access.rs`) does not enforce
+//!
+//! - **Nested transactions are not checked at all**: a read-only user writes or reads any
+//!   key through a txn inside a txn (GHSA-rfx7-8w68-q57q). A `remote-<peer>` can therefore
+//!   write into this cluster's store. Use an etcd release with that fix, or the embedded store.
+//! - **A from-key watch is checked on its start key only**: a watch from inside an allowed
+//!   prefix with range end `"\0"` streams every later key of the store (GHSA-xg4h-6gfc-h4m8).
+//! - Leases, compaction and status are not restricted: any authenticated user may grant
+//!   leases, keep them alive, read their TTL, list them, revoke one with no keys attached,
+//!   compact the store and read its status. The embedded store gives leases and compaction to
+//!   the admin only.
+//! - etcd knows only provisioned peers, and its `root` user (which etcd requires) is
+//!   all-powerful for any certificate with CN `root` from a trusted CA; the embedded store
+//!   lets any `remote-<x>` (`x != us`) of a trusted CA read, and knows no `root`.
+//!
+//! Flat ranges, puts, deletes, top-level txn compares and ops (both branches) and bounded
+//! watches are checked the same way by both.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -72,11 +85,11 @@ pub enum ProvisionError {
         endpoints: String,
     },
 
-    /// etcd refused to change users or roles: auth is already enabled and the client
-    /// certificate's CN is not a user with the `root` role.
+    /// etcd refused to list or change users or roles: auth is already enabled and the
+    /// client certificate's CN is no user with the `root` role (or no user at all).
     #[error(
         "the store at {endpoints} refused to manage users and roles during {step}: auth is \
-         enabled and the client certificate is not a root user; connect with the \
+         enabled and the client certificate's CN is not a root user; connect with the \
          certificate of admin-{us}"
     )]
     NotRoot {
@@ -88,7 +101,7 @@ pub enum ProvisionError {
         endpoints: String,
         /// What etcd said.
         #[source]
-        source: Error,
+        source: Box<Error>,
     },
 
     /// Any other failure of a request to the store.
@@ -98,7 +111,7 @@ pub enum ProvisionError {
         step: String,
         /// The client layer's error.
         #[source]
-        source: Error,
+        source: Box<Error>,
     },
 }
 
@@ -270,6 +283,22 @@ impl<'a> Provisioner<'a> {
         }
     }
 
+    /// Sorts the error of a request that names no user: there, "user name not found" means
+    /// the caller's own CN is no etcd user.
+    fn fail_as_caller(&self, step: String, source: Error) -> ProvisionError {
+        if source.grpc_code() == Some(Code::FailedPrecondition)
+            && chain(&source).contains("user name not found")
+        {
+            return ProvisionError::NotRoot {
+                us: self.us.clone(),
+                step,
+                endpoints: self.client.endpoints().to_owned(),
+                source: Box::new(source),
+            };
+        }
+        self.fail(step, source)
+    }
+
     fn fail(&self, step: String, source: Error) -> ProvisionError {
         match source.grpc_code() {
             Some(Code::Unimplemented) => ProvisionError::NoAuthApi {
@@ -279,9 +308,12 @@ impl<'a> Provisioner<'a> {
                 us: self.us.clone(),
                 step,
                 endpoints: self.client.endpoints().to_owned(),
-                source,
+                source: Box::new(source),
             },
-            _ => ProvisionError::Store { step, source },
+            _ => ProvisionError::Store {
+                step,
+                source: Box::new(source),
+            },
         }
     }
 
@@ -293,7 +325,7 @@ impl<'a> Provisioner<'a> {
             .await
         {
             Ok(resp) => Ok(resp.roles().iter().cloned().collect()),
-            Err(err) => Err(self.fail("listing roles".to_owned(), err)),
+            Err(err) => Err(self.fail_as_caller("listing roles".to_owned(), err)),
         }
     }
 
@@ -305,7 +337,7 @@ impl<'a> Provisioner<'a> {
             .await
         {
             Ok(resp) => Ok(resp.users().iter().cloned().collect()),
-            Err(err) => Err(self.fail("listing users".to_owned(), err)),
+            Err(err) => Err(self.fail_as_caller("listing users".to_owned(), err)),
         }
     }
 
