@@ -16,13 +16,8 @@ use time::OffsetDateTime;
 #[non_exhaustive]
 pub enum Error {
     /// A cluster name that breaks the mesh's naming rule.
-    #[error("invalid cluster name {name:?}: {reason}")]
-    InvalidClusterName {
-        /// The name as given.
-        name: String,
-        /// Which rule it breaks.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    InvalidClusterName(#[from] model::NameError),
     /// A common name that names no mesh user; the store must refuse such a peer.
     #[error("{cn:?} names no mesh user: {reason}")]
     InvalidUser {

@@ -134,7 +134,7 @@ impl From<KeyTypeArg> for KeyType {
 }
 
 fn parse_cluster(s: &str) -> Result<ClusterName, certs::Error> {
-    ClusterName::new(s)
+    Ok(ClusterName::new(s)?)
 }
 
 fn parse_dns_name(s: &str) -> Result<String, certs::Error> {

@@ -100,7 +100,7 @@ pub fn is_usage(err: &anyhow::Error) -> bool {
 }
 
 fn parse_cluster(s: &str) -> Result<ClusterName, certs::Error> {
-    ClusterName::new(s)
+    Ok(ClusterName::new(s)?)
 }
 
 pub fn run(cmd: StoreCommand) -> anyhow::Result<()> {
