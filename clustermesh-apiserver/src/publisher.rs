@@ -1,0 +1,377 @@
+//! Keeps the store equal to what the cluster should publish.
+//!
+//! One task owns the store side: it holds the lease every published key is attached to, and
+//! reconciles by diff — the desired entries (from [`crate::translate`]) against what it knows
+//! the store holds. The first pass after start (or after the lease was lost) is a full one:
+//! it lists what the store holds under our prefixes, rewrites every desired key under the new
+//! lease, deletes what should no longer be there, and only then writes each prefix's sync
+//! canary, so a reader that waits for the canary never sees a partial state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster_source::{ClusterObjects, SnapshotReceiver};
+use kvstore::client::{LeaseHandle, LeaseId, Op, StoreClient};
+use model::StoreValue;
+use model::keys::{HEARTBEAT_KEY, Kind};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::IdentityAllocator;
+use crate::metrics::Metrics;
+use crate::translate::{self, Published, TranslateConfig};
+
+/// The kinds this publisher owns, in the order they are published.
+pub const PUBLISHED_KINDS: [Kind; 4] = [Kind::Identities, Kind::Ip, Kind::Nodes, Kind::Services];
+
+/// How the publisher behaves.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    pub translate: TranslateConfig,
+    /// TTL of the lease holding every published key: how long keys outlive a crashed
+    /// publisher.
+    pub lease_ttl: Duration,
+    /// How often `cilium/.heartbeat` is rewritten, so peers can tell a live cluster from a
+    /// dead one.
+    pub heartbeat_interval: Duration,
+    /// Pause before retrying after the store failed.
+    pub retry_backoff: Duration,
+}
+
+/// What the publisher reports to health checks and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublisherStatus {
+    /// The full initial state (and every canary) is in the store.
+    pub ready: bool,
+    /// Entries currently published, per kind name.
+    pub entries: BTreeMap<&'static str, usize>,
+    /// The last store error, cleared by the next success.
+    pub last_error: Option<String>,
+}
+
+/// Errors that stop a publishing pass; the publisher retries after them.
+#[derive(Debug, Error)]
+pub enum PublishError {
+    /// The store refused or failed a request.
+    #[error("store: {0}")]
+    Store(#[from] kvstore::client::Error),
+    /// The lease was lost (expired, revoked, or the store was unreachable too long).
+    #[error("the lease holding our keys was lost: {0:?}")]
+    LeaseLost(kvstore::client::LeaseLost),
+    /// Our own cluster configuration cannot allocate identities.
+    #[error("cluster configuration: {0}")]
+    Config(#[source] model::IdentityError),
+    /// The source stopped before it delivered a complete state.
+    #[error("the cluster source stopped")]
+    SourceStopped,
+}
+
+/// What the store is known to hold for us, per kind.
+type Known = BTreeMap<Kind, BTreeMap<String, Vec<u8>>>;
+
+/// Runs until `cancel`; publishes every change of `snapshots`.
+pub async fn run(
+    client: StoreClient,
+    config: PublisherConfig,
+    mut snapshots: SnapshotReceiver,
+    status: watch::Sender<PublisherStatus>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let cluster = config.translate.cluster.name.clone();
+    loop {
+        let pass =
+            publish_until_failure(&client, &config, &mut snapshots, &status, &metrics, &cancel);
+        match pass.await {
+            Ok(()) => return,
+            Err(PublishError::SourceStopped) => {
+                tracing::error!(%cluster, "the cluster source stopped; nothing more to publish");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%cluster, %error, "publishing failed; starting over with a full pass");
+                metrics.store_errors.inc();
+                status.send_modify(|s| {
+                    s.last_error = Some(error.to_string());
+                });
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(config.retry_backoff) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One life of a lease: a full pass, then incremental ones until something fails.
+async fn publish_until_failure(
+    client: &StoreClient,
+    config: &PublisherConfig,
+    snapshots: &mut SnapshotReceiver,
+    status: &watch::Sender<PublisherStatus>,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) -> Result<(), PublishError> {
+    let cluster = &config.translate.cluster;
+    let lease = client.grant_lease(config.lease_ttl).await?;
+    let mut known = list_existing(client).await?;
+    let mut allocator = IdentityAllocator::new(cluster).map_err(PublishError::Config)?;
+    // Reuse the ids the store already holds, so identities survive our restart; entries
+    // that are corrupt, foreign or duplicated are reported rather than silently dropped.
+    let seeded = allocator.seed_from_store(known.get(&Kind::Identities).into_iter().flatten());
+    for warning in seeded {
+        tracing::warn!(object = %warning.object, "{}", warning.message);
+    }
+    let Some(objects) = wait_synced(snapshots, cancel).await else {
+        return if cancel.is_cancelled() {
+            Ok(())
+        } else {
+            Err(PublishError::SourceStopped)
+        };
+    };
+    let mut desired = translate_and_report(&objects, &config.translate, &mut allocator, metrics);
+
+    // The full pass: cluster config first (readers check it before anything else), then
+    // every kind in full, each followed by its canary.
+    put(client, &cluster.key(), cluster.encode(), &lease).await?;
+    for kind in PUBLISHED_KINDS {
+        let want = desired.entries.remove(&kind).unwrap_or_default();
+        let have = known.remove(&kind).unwrap_or_default();
+        let ops = full_sync_ops(&want, &have, lease.id());
+        apply(client, ops, metrics).await?;
+        put(
+            client,
+            &kind.state_canary_key(&cluster.name),
+            now_text(),
+            &lease,
+        )
+        .await?;
+        known.insert(kind, want);
+    }
+    put(client, HEARTBEAT_KEY, now_text(), &lease).await?;
+    report(status, &known, metrics, true);
+    tracing::info!(entries = ?status.borrow().entries, "initial state published");
+
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            lost = lease.lost() => return Err(PublishError::LeaseLost(lost)),
+            _ = heartbeat.tick() => put(client, HEARTBEAT_KEY, now_text(), &lease).await?,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return Err(PublishError::SourceStopped);
+                }
+                let objects = Arc::clone(&snapshots.borrow_and_update());
+                let mut next = translate_and_report(&objects, &config.translate, &mut allocator, metrics);
+                for kind in PUBLISHED_KINDS {
+                    let want = next.entries.remove(&kind).unwrap_or_default();
+                    let have = known.entry(kind).or_default();
+                    let ops = diff_ops(&want, have, lease.id());
+                    if !ops.is_empty() {
+                        apply(client, ops, metrics).await?;
+                        *have = want;
+                    }
+                }
+                report(status, &known, metrics, true);
+            }
+        }
+    }
+}
+
+async fn wait_synced(
+    snapshots: &mut SnapshotReceiver,
+    cancel: &CancellationToken,
+) -> Option<Arc<ClusterObjects>> {
+    tokio::select! {
+        () = cancel.cancelled() => None,
+        synced = cluster_source::wait_synced(snapshots) => synced,
+    }
+}
+
+fn translate_and_report(
+    objects: &ClusterObjects,
+    config: &TranslateConfig,
+    allocator: &mut IdentityAllocator,
+    metrics: &Metrics,
+) -> Published {
+    let published = translate::translate(objects, config, allocator);
+    for warning in &published.warnings {
+        tracing::warn!(object = %warning.object, "{}", warning.message);
+    }
+    for problem in &objects.problems {
+        tracing::warn!(%problem, "cluster source problem");
+    }
+    metrics
+        .warnings
+        .set((published.warnings.len() + objects.problems.len()) as i64);
+    published
+}
+
+/// Everything the store holds under our prefixes.
+async fn list_existing(client: &StoreClient) -> Result<Known, PublishError> {
+    let mut known = Known::new();
+    for kind in PUBLISHED_KINDS {
+        let listing = client.raw().list_prefix(kind.state_prefix()).await?;
+        known.insert(
+            kind,
+            listing
+                .entries
+                .into_iter()
+                .map(|e| (e.key, e.value))
+                .collect(),
+        );
+    }
+    Ok(known)
+}
+
+/// A full pass rewrites every desired key (to attach it to the current lease) and deletes
+/// the rest.
+pub fn full_sync_ops(
+    want: &BTreeMap<String, Vec<u8>>,
+    have: &BTreeMap<String, Vec<u8>>,
+    lease: LeaseId,
+) -> Vec<Op<Vec<u8>>> {
+    let deletes = have
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .map(|key| Op::Delete { key: key.clone() });
+    let puts = want.iter().map(|(key, value)| Op::Put {
+        key: key.clone(),
+        value: value.clone(),
+        lease: Some(lease),
+    });
+    puts.chain(deletes).collect()
+}
+
+/// An incremental pass writes only what changed.
+pub fn diff_ops(
+    want: &BTreeMap<String, Vec<u8>>,
+    have: &BTreeMap<String, Vec<u8>>,
+    lease: LeaseId,
+) -> Vec<Op<Vec<u8>>> {
+    let deletes = have
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .map(|key| Op::Delete { key: key.clone() });
+    let puts = want
+        .iter()
+        .filter(|(key, value)| have.get(*key) != Some(*value))
+        .map(|(key, value)| Op::Put {
+            key: key.clone(),
+            value: value.clone(),
+            lease: Some(lease),
+        });
+    puts.chain(deletes).collect()
+}
+
+async fn apply(
+    client: &StoreClient,
+    ops: Vec<Op<Vec<u8>>>,
+    metrics: &Metrics,
+) -> Result<(), PublishError> {
+    let count = ops.len() as u64;
+    client.raw().apply_batch(ops).await?;
+    metrics.writes.inc_by(count);
+    Ok(())
+}
+
+async fn put(
+    client: &StoreClient,
+    key: &str,
+    value: Vec<u8>,
+    lease: &LeaseHandle,
+) -> Result<(), PublishError> {
+    client.raw().put(key, &value, Some(lease.id())).await?;
+    Ok(())
+}
+
+fn report(status: &watch::Sender<PublisherStatus>, known: &Known, metrics: &Metrics, ready: bool) {
+    let entries: BTreeMap<&'static str, usize> = known
+        .iter()
+        .map(|(kind, entries)| (kind.name(), entries.len()))
+        .collect();
+    for (kind, count) in &entries {
+        metrics.entries(kind).set(*count as i64);
+    }
+    metrics.ready.set(i64::from(ready));
+    status.send_modify(|s| {
+        s.ready = ready;
+        s.entries = entries;
+        s.last_error = None;
+    });
+}
+
+/// The time as RFC 3339 text, the value of canaries and the heartbeat.
+fn now_text() -> Vec<u8> {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+        .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn canary_values_are_rfc3339() {
+        let text = String::from_utf8(now_text()).unwrap();
+        assert!(
+            time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "{text}"
+        );
+    }
+
+    fn apply_ops(
+        mut store: BTreeMap<String, Vec<u8>>,
+        ops: &[Op<Vec<u8>>],
+    ) -> BTreeMap<String, Vec<u8>> {
+        for op in ops {
+            match op {
+                Op::Put { key, value, .. } => {
+                    store.insert(key.clone(), value.clone());
+                }
+                Op::Delete { key } => {
+                    store.remove(key);
+                }
+            }
+        }
+        store
+    }
+
+    fn entries() -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {
+        proptest::collection::btree_map("[a-e]{1,2}", proptest::collection::vec(0u8..3, 0..2), 0..8)
+    }
+
+    proptest! {
+        #[test]
+        fn applying_the_diff_yields_the_desired_state(want in entries(), have in entries()) {
+            let lease = LeaseId(7);
+            prop_assert_eq!(&apply_ops(have.clone(), &diff_ops(&want, &have, lease)), &want);
+            prop_assert_eq!(&apply_ops(have.clone(), &full_sync_ops(&want, &have, lease)), &want);
+        }
+
+        #[test]
+        fn equal_states_need_no_incremental_writes(state in entries()) {
+            prop_assert!(diff_ops(&state, &state, LeaseId(1)).is_empty());
+        }
+
+        #[test]
+        fn a_full_pass_rewrites_every_desired_key(want in entries(), have in entries()) {
+            let ops = full_sync_ops(&want, &have, LeaseId(3));
+            let puts = ops.iter().filter(|op| matches!(op, Op::Put { lease: Some(LeaseId(3)), .. })).count();
+            prop_assert_eq!(puts, want.len());
+        }
+    }
+}

@@ -1,0 +1,672 @@
+//! Identities and ip→identity entries from the cluster's pods.
+//!
+//! A pod is *live* unless it runs in the host's network namespace (its IP is the node's,
+//! whose identity is a reserved one no cluster publishes) or has finished (`Succeeded`,
+//! `Failed`). Every live pod's label set gets an identity, even before the pod has an IP, so
+//! peers can know it before traffic arrives; live pods with IPs get ip→identity entries.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use cluster_source::{ClusterObjects, NamespacedName, ObjectKind};
+use k8s_openapi::api::core::v1::Pod;
+use model::label::K8S_SOURCE;
+use model::{DnsLabel, DnsSubdomain, Entry, Identity, IpIdentity, IpPrefix, Label};
+
+use super::{Out, object_name};
+use crate::identity::{AllocError, IdentityAllocator, LabelSet, identity_object};
+
+/// The label every identity carries with its pods' namespace; policies select by it.
+pub const NAMESPACE_LABEL_KEY: &str = "io.kubernetes.pod.namespace";
+
+/// Keys under this prefix (the cluster label, service account, namespace labels) are set by
+/// the mesh, never by a pod: a pod setting them could pose as another cluster's workload.
+const RESERVED_KEY_PREFIX: &str = "io.cilium.k8s.";
+
+struct LivePod<'a> {
+    key: &'a NamespacedName,
+    pod: &'a Pod,
+    object: String,
+    labels: LabelSet,
+}
+
+pub(super) fn translate(
+    objects: &ClusterObjects,
+    identities: &mut IdentityAllocator,
+    out: &mut Out,
+) {
+    let mut live = Vec::new();
+    for (key, pod) in &objects.pods {
+        if host_network(pod) || finished(pod) {
+            continue;
+        }
+        let object = object_name(ObjectKind::Pod, Some(&key.namespace), &key.name);
+        if let Some(labels) = security_labels(key, pod, &object, out) {
+            live.push(LivePod {
+                key,
+                pod,
+                object,
+                labels,
+            });
+        }
+    }
+    let in_use: BTreeSet<LabelSet> = live.iter().map(|p| p.labels.clone()).collect();
+    let failed = allocate(identities, &in_use);
+
+    for (id, labels) in identities.iter() {
+        let identity = Identity::new(id, labels.iter().cloned());
+        out.emit(&identity_object(id), Entry::Identity(identity));
+    }
+
+    let mut owners: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    for pod in &live {
+        let Some(identity) = identities.get(&pod.labels) else {
+            let reason = failed
+                .get(&pod.labels)
+                .map_or_else(|| "no identity".to_owned(), ToString::to_string);
+            out.warn(
+                &pod.object,
+                format!("not given an identity ({reason}); its IPs are not published"),
+            );
+            continue;
+        };
+        let status = pod.pod.status.as_ref();
+        let host_ip = status.and_then(|s| s.host_ip.as_deref()).and_then(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| {
+                    out.warn(
+                        &pod.object,
+                        format!("hostIP {ip:?} is not an IP address; left out"),
+                    );
+                })
+                .ok()
+        });
+        let (namespace, pod_name) = match DnsLabel::new(pod.key.namespace.as_str()) {
+            Ok(ns) => (Some(ns), DnsSubdomain::new(pod.key.name.as_str()).ok()),
+            Err(_) => (None, None),
+        };
+        for ip in pod_ips(pod.pod, &pod.object, out) {
+            if let Some(owner) = owners.get(&ip) {
+                out.warn(
+                    &pod.object,
+                    format!("IP {ip} is also {owner}'s; published for that pod only"),
+                );
+                continue;
+            }
+            owners.insert(ip, &pod.object);
+            let value = IpIdentity {
+                schema: Default::default(),
+                ip: IpPrefix::host(ip),
+                identity,
+                host_ip,
+                namespace: namespace.clone(),
+                pod_name: pod_name.clone(),
+                cluster: out.config.cluster.name.clone(),
+            };
+            out.emit(&pod.object, Entry::Ip(value));
+        }
+    }
+}
+
+/// Allocates every label set in use and releases the rest. New label sets go in sorted
+/// order (so collisions resolve the same way every time) and before anything is released
+/// (so an identity is not handed to other labels in the pass that frees it), unless the range
+/// is full: then those that failed are retried after the release.
+fn allocate(
+    identities: &mut IdentityAllocator,
+    in_use: &BTreeSet<LabelSet>,
+) -> BTreeMap<LabelSet, AllocError> {
+    let failed: Vec<&LabelSet> = in_use
+        .iter()
+        .filter(|labels| identities.allocate(labels).is_err())
+        .collect();
+    identities.release_unused(in_use);
+    failed
+        .into_iter()
+        .filter_map(|labels| {
+            identities
+                .allocate(labels)
+                .err()
+                .map(|error| (labels.clone(), error))
+        })
+        .collect()
+}
+
+fn host_network(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+}
+
+fn finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// `k8s:<key>=<value>` per pod label, the namespace label and the cluster label; `None` (with
+/// a warning) when a label cannot be written as a security label, because an identity
+/// without it would stand for other pods.
+fn security_labels(
+    key: &NamespacedName,
+    pod: &Pod,
+    object: &str,
+    out: &mut Out,
+) -> Option<LabelSet> {
+    let mut labels = LabelSet::new();
+    for (k, v) in pod.metadata.labels.iter().flatten() {
+        if k == NAMESPACE_LABEL_KEY || k.starts_with(RESERVED_KEY_PREFIX) {
+            out.warn(
+                object,
+                format!("label {k} is set by the mesh, not by pods; left out of its identity"),
+            );
+            continue;
+        }
+        match Label::new(K8S_SOURCE, k, v) {
+            Ok(label) => {
+                labels.insert(label);
+            }
+            Err(error) => {
+                out.warn(object, format!("not given an identity: {error}"));
+                return None;
+            }
+        }
+    }
+    match Label::new(K8S_SOURCE, NAMESPACE_LABEL_KEY, key.namespace.as_str()) {
+        Ok(label) => labels.insert(label),
+        Err(error) => {
+            out.warn(object, format!("not given an identity: {error}"));
+            return None;
+        }
+    };
+    labels.insert(Label::cluster(&out.config.cluster.name));
+    Some(labels)
+}
+
+/// `status.podIPs`, or the older `status.podIP`, each once.
+fn pod_ips(pod: &Pod, object: &str, out: &mut Out) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<&str> = match status.pod_ips.as_deref() {
+        Some(list) if !list.is_empty() => list.iter().map(|p| p.ip.as_str()).collect(),
+        _ => status.pod_ip.iter().map(String::as_str).collect(),
+    };
+    let mut ips = Vec::new();
+    for text in listed.into_iter().filter(|t| !t.is_empty()) {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => out.warn(
+                object,
+                format!("pod IP {text:?} is not an IP address; left out"),
+            ),
+        }
+    }
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::super::testutil::{cluster, config, objects, translate_all, values};
+    use super::super::{Published, TranslateConfig, translate};
+    use crate::identity::IdentityAllocator;
+    use model::{Identity, IpIdentity, Kind, NumericIdentity, StoreValue};
+
+    fn pod(ns: &str, name: &str, labels: Value, ip: Option<&str>, phase: &str) -> Value {
+        let mut status = json!({"phase": phase, "hostIP": "192.0.2.10"});
+        if let Some(ip) = ip {
+            status["podIP"] = json!(ip);
+            status["podIPs"] = json!([{"ip": ip}]);
+        }
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": ns, "name": name, "labels": labels},
+            "spec": {"containers": [{"name": "c"}], "nodeName": "node-a"},
+            "status": status})
+    }
+
+    fn labels_of(identity: &Identity) -> Vec<String> {
+        identity.labels.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn identities_and_ips() {
+        let mut host = pod(
+            "kube-system",
+            "agent",
+            json!({"app": "agent"}),
+            Some("192.0.2.10"),
+            "Running",
+        );
+        host["spec"]["hostNetwork"] = json!(true);
+        let mut dual = pod("shop", "web-2", json!({"app": "web"}), None, "Running");
+        dual["status"]["podIPs"] = json!([{"ip": "10.2.1.19"}, {"ip": "fd00:2:1::19"}]);
+        let docs = vec![
+            pod(
+                "shop",
+                "web-1",
+                json!({"app": "web"}),
+                Some("10.2.1.17"),
+                "Running",
+            ),
+            dual,
+            pod("shop", "web-3", json!({"app": "web"}), None, "Pending"),
+            pod(
+                "shop",
+                "db-1",
+                json!({"app": "db"}),
+                Some("10.2.1.20"),
+                "Running",
+            ),
+            pod(
+                "blog",
+                "web-1",
+                json!({"app": "web"}),
+                Some("10.2.1.21"),
+                "Running",
+            ),
+            pod(
+                "shop",
+                "done",
+                json!({"app": "job"}),
+                Some("10.2.1.22"),
+                "Succeeded",
+            ),
+            pod(
+                "shop",
+                "crashed",
+                json!({"app": "job2"}),
+                Some("10.2.1.23"),
+                "Failed",
+            ),
+            pod(
+                "shop",
+                "sneaky",
+                json!({"app": "web",
+                "io.cilium.k8s.policy.cluster": "other", "io.kubernetes.pod.namespace": "blog"}),
+                Some("10.2.1.24"),
+                "Running",
+            ),
+            pod(
+                "shop",
+                "clash",
+                json!({"app": "db"}),
+                Some("10.2.1.17"),
+                "Running",
+            ),
+            host,
+        ];
+        let published = translate_all(&objects(docs), &config());
+        let identities: Vec<Identity> = values(&published, Kind::Identities);
+        let sets: BTreeSet<Vec<String>> = identities.iter().map(labels_of).collect();
+        let set = |ns: &str, app: &str| {
+            vec![
+                format!("k8s:app={app}"),
+                "k8s:io.cilium.k8s.policy.cluster=eu-1".to_owned(),
+                format!("k8s:io.kubernetes.pod.namespace={ns}"),
+            ]
+        };
+        assert_eq!(
+            sets,
+            BTreeSet::from([set("blog", "web"), set("shop", "db"), set("shop", "web")]),
+            "same labels share one identity, the namespace matters, no host or finished pods"
+        );
+        let range = config().cluster.identity_range().unwrap();
+        let id_of: BTreeMap<Vec<String>, NumericIdentity> = identities
+            .iter()
+            .map(|i| {
+                assert!(range.contains(i.id));
+                (labels_of(i), i.id)
+            })
+            .collect();
+        for (key, bytes) in published.kind(Kind::Identities) {
+            let identity = Identity::decode(bytes).unwrap();
+            assert_eq!(
+                *key,
+                format!("cilium/state/identities/v1/id/{}", identity.id)
+            );
+        }
+
+        let ips: Vec<IpIdentity> = values(&published, Kind::Ip);
+        let by_ip: BTreeMap<String, &IpIdentity> =
+            ips.iter().map(|e| (e.ip.to_string(), e)).collect();
+        assert_eq!(
+            by_ip.keys().map(String::as_str).collect::<Vec<_>>(),
+            [
+                "10.2.1.17",
+                "10.2.1.19",
+                "10.2.1.20",
+                "10.2.1.21",
+                "10.2.1.24",
+                "fd00:2:1::19"
+            ]
+        );
+        let web = id_of[&set("shop", "web")];
+        for ip in ["10.2.1.19", "fd00:2:1::19", "10.2.1.24"] {
+            assert_eq!(by_ip[ip].identity, web);
+        }
+        assert_eq!(by_ip["10.2.1.20"].identity, id_of[&set("shop", "db")]);
+        assert_eq!(by_ip["10.2.1.21"].identity, id_of[&set("blog", "web")]);
+        // 10.2.1.17 is claimed by shop/clash first (pods go in name order).
+        assert_eq!(
+            by_ip["10.2.1.17"].pod_name.as_ref().unwrap().as_str(),
+            "clash"
+        );
+        let entry = serde_json::to_value(by_ip["10.2.1.20"]).unwrap();
+        assert_eq!(
+            entry,
+            json!({"schema": 1, "ip": "10.2.1.20", "identity": id_of[&set("shop", "db")].get(),
+                "host_ip": "192.0.2.10", "namespace": "shop", "pod_name": "db-1",
+                "cluster": "eu-1"})
+        );
+        assert!(
+            published
+                .kind(Kind::Ip)
+                .contains_key("cilium/state/ip/v1/default/fd00:2:1::19")
+        );
+
+        let text: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
+        let expect = [
+            "Pod shop/sneaky: label io.cilium.k8s.policy.cluster is set by the mesh",
+            "Pod shop/sneaky: label io.kubernetes.pod.namespace is set by the mesh",
+            "Pod shop/web-1: IP 10.2.1.17 is also Pod shop/clash's",
+        ];
+        assert_eq!(text.len(), expect.len(), "{text:#?}");
+        for (got, want) in text.iter().zip(expect) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn bad_pod_labels_and_ips() {
+        let mut bad_ip = pod(
+            "shop",
+            "b",
+            json!({"app": "b"}),
+            Some("10.2.1.500"),
+            "Running",
+        );
+        bad_ip["status"]["hostIP"] = json!("nowhere");
+        let docs = vec![
+            pod(
+                "shop",
+                "a",
+                json!({"app": "tab\there"}),
+                Some("10.2.1.1"),
+                "Running",
+            ),
+            bad_ip,
+        ];
+        let published = translate_all(&objects(docs), &config());
+        let text: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 3, "{text:#?}");
+        assert!(
+            text[0].starts_with("Pod shop/a: not given an identity: label"),
+            "{text:#?}"
+        );
+        assert!(
+            text[1].starts_with("Pod shop/b: hostIP \"nowhere\""),
+            "{text:#?}"
+        );
+        assert!(
+            text[2].starts_with("Pod shop/b: pod IP \"10.2.1.500\""),
+            "{text:#?}"
+        );
+        assert_eq!(published.kind(Kind::Identities).len(), 1, "only shop/b's");
+        assert!(published.kind(Kind::Ip).is_empty());
+    }
+
+    #[test]
+    fn exhausted_range_warns_per_pod() {
+        let cfg = config();
+        let mut allocator = IdentityAllocator::with_slots(&cfg.cluster, 2);
+        let docs: Vec<Value> = (0..4)
+            .map(|i| {
+                pod(
+                    "shop",
+                    &format!("p{i}"),
+                    json!({"app": format!("a{}", i % 3)}),
+                    Some(&format!("10.2.1.{}", i + 1)),
+                    "Running",
+                )
+            })
+            .collect();
+        let published = translate(&objects(docs), &cfg, &mut allocator);
+        assert_eq!(published.kind(Kind::Identities).len(), 2);
+        // Label sets go in sorted order: a0 and a1 get the two identities, a2 (p2) none.
+        let text: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 1, "{text:#?}");
+        assert!(
+            text[0].starts_with("Pod shop/p2: not given an identity (identity range"),
+            "{text:#?}"
+        );
+        assert!(text[0].contains("is exhausted"), "{text:#?}");
+        assert_eq!(published.kind(Kind::Ip).len(), 3);
+
+        // Once a0's pods are gone, a2 gets the freed identity in the same pass.
+        let docs: Vec<Value> = [1, 2]
+            .into_iter()
+            .map(|i| {
+                pod(
+                    "shop",
+                    &format!("p{i}"),
+                    json!({"app": format!("a{i}")}),
+                    Some(&format!("10.2.1.{}", i + 1)),
+                    "Running",
+                )
+            })
+            .collect();
+        let published = translate(&objects(docs), &cfg, &mut allocator);
+        assert!(published.warnings.is_empty(), "{:?}", published.warnings);
+        assert_eq!(published.kind(Kind::Identities).len(), 2);
+        assert_eq!(published.kind(Kind::Ip).len(), 2);
+    }
+
+    #[test]
+    fn unused_identities_are_released() {
+        let cfg = config();
+        let mut allocator = IdentityAllocator::new(&cfg.cluster).unwrap();
+        let first = translate(
+            &objects(vec![
+                pod(
+                    "shop",
+                    "a",
+                    json!({"app": "a"}),
+                    Some("10.2.1.1"),
+                    "Running",
+                ),
+                pod(
+                    "shop",
+                    "b",
+                    json!({"app": "b"}),
+                    Some("10.2.1.2"),
+                    "Running",
+                ),
+            ]),
+            &cfg,
+            &mut allocator,
+        );
+        let second = translate(
+            &objects(vec![pod(
+                "shop",
+                "a",
+                json!({"app": "a"}),
+                Some("10.2.1.1"),
+                "Running",
+            )]),
+            &cfg,
+            &mut allocator,
+        );
+        assert_eq!(first.kind(Kind::Identities).len(), 2);
+        assert_eq!(second.kind(Kind::Identities).len(), 1);
+        assert_eq!(allocator.len(), 1);
+        let kept = second.kind(Kind::Identities).iter().next().unwrap();
+        assert_eq!(
+            first.kind(Kind::Identities).get(kept.0),
+            Some(kept.1),
+            "same bytes"
+        );
+    }
+
+    /// A value a peer would refuse is warned about and left out: here the allocator belongs
+    /// to another cluster, so its identities lie outside this cluster's range.
+    #[test]
+    fn validation_failures_become_warnings() {
+        let cfg = config();
+        let mut foreign = IdentityAllocator::new(&cluster("us-1", 3)).unwrap();
+        let docs = vec![pod(
+            "shop",
+            "a",
+            json!({"app": "a"}),
+            Some("10.2.1.1"),
+            "Running",
+        )];
+        let published = translate(&objects(docs), &cfg, &mut foreign);
+        assert!(published.kind(Kind::Identities).is_empty());
+        assert!(published.kind(Kind::Ip).is_empty());
+        let text: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:#?}");
+        let foreign_range = cluster("us-1", 3).identity_range().unwrap();
+        let id: u32 = text[0]["Identity ".len()..text[0].find(':').unwrap()]
+            .parse()
+            .unwrap();
+        assert!(
+            foreign_range.contains(NumericIdentity::new(id).unwrap()),
+            "{text:#?}"
+        );
+        assert!(
+            text[0].contains("not published") && text[0].contains("outside"),
+            "{text:#?}"
+        );
+        assert!(
+            text[1].starts_with("Pod shop/a: not published"),
+            "{text:#?}"
+        );
+    }
+
+    fn pod_set() -> impl Strategy<Value = Vec<(u8, u8, u8)>> {
+        // (namespace, app, tier) per pod; a few values so label sets repeat and come and go.
+        prop::collection::vec((0u8..2, 0u8..4, 0u8..3), 0..10)
+    }
+
+    fn pods_objects(pods: &[(u8, u8, u8)]) -> cluster_source::ClusterObjects {
+        let docs = pods
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, app, tier))| {
+                let mut labels = json!({"app": format!("app{app}")});
+                if *tier > 0 {
+                    labels["tier"] = json!(format!("t{tier}"));
+                }
+                pod(
+                    &format!("ns{ns}"),
+                    &format!("p{i}"),
+                    labels,
+                    Some(&format!("10.2.{}.{}", i / 250, i % 250 + 1)),
+                    "Running",
+                )
+            })
+            .collect();
+        objects(docs)
+    }
+
+    fn ids(published: &Published) -> BTreeMap<Vec<String>, NumericIdentity> {
+        published
+            .kind(Kind::Identities)
+            .values()
+            .map(|b| {
+                let identity = Identity::decode(b).unwrap();
+                (labels_of(&identity), identity.id)
+            })
+            .collect()
+    }
+
+    fn restart(
+        cfg: &TranslateConfig,
+        previous: &Published,
+        slots: Option<u32>,
+    ) -> IdentityAllocator {
+        let mut allocator = match slots {
+            Some(slots) => IdentityAllocator::with_slots(&cfg.cluster, slots),
+            None => IdentityAllocator::new(&cfg.cluster).unwrap(),
+        };
+        let warnings = allocator.seed_from_store(previous.kind(Kind::Identities));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        allocator
+    }
+
+    proptest! {
+        /// A restart seeded from the previous run's published identities gives every label
+        /// set still in use the id it had, whatever the sequence of pod sets, also when the
+        /// range is crowded enough for homes to collide.
+        #[test]
+        fn ids_survive_restarts(
+            steps in prop::collection::vec(pod_set(), 1..6),
+            crowded in any::<bool>(),
+        ) {
+            let cfg = config();
+            let slots = crowded.then_some(30);
+            let range = cfg.cluster.identity_range().unwrap();
+            let mut previous = Published::default();
+            let mut before = BTreeMap::new();
+            for pods in &steps {
+                let mut allocator = restart(&cfg, &previous, slots);
+                let published = translate(&pods_objects(pods), &cfg, &mut allocator);
+                prop_assert!(published.warnings.is_empty(), "{:?}", published.warnings);
+                let now = ids(&published);
+                for (labels, id) in &now {
+                    prop_assert!(range.contains(*id));
+                    if let Some(old) = before.get(labels) {
+                        prop_assert_eq!(old, id, "{:?} changed id", labels);
+                    }
+                }
+                let distinct: BTreeSet<_> = now.values().collect();
+                prop_assert_eq!(distinct.len(), now.len());
+                before = now;
+                previous = published;
+            }
+        }
+
+        /// Without a store, two allocators agree for the same pods in any order, as long as
+        /// no two label sets share a home.
+        #[test]
+        fn fresh_allocators_agree(pods in pod_set(), rotate in 0usize..10) {
+            let cfg = config();
+            let probe = IdentityAllocator::new(&cfg.cluster).unwrap();
+            let one = translate_all(&pods_objects(&pods), &cfg);
+            let first_ids = ids(&one);
+            let homes: BTreeSet<_> = one
+                .kind(Kind::Identities)
+                .values()
+                .map(|b| {
+                    let identity = Identity::decode(b).unwrap();
+                    probe.home(&identity.labels.into_iter().collect())
+                })
+                .collect();
+            prop_assume!(homes.len() == first_ids.len());
+            // The same pods in another order (and other names) — allocation order changes.
+            let mut other = pods.clone();
+            if !other.is_empty() {
+                let by = rotate % other.len();
+                other.rotate_left(by);
+            }
+            other.reverse();
+            let two = translate_all(&pods_objects(&other), &cfg);
+            prop_assert_eq!(&first_ids, &ids(&two));
+            // A single allocator that saw other pods first agrees too.
+            let mut allocator = IdentityAllocator::new(&cfg.cluster).unwrap();
+            let mut warm = other.clone();
+            warm.truncate(other.len() / 2);
+            translate(&pods_objects(&warm), &cfg, &mut allocator);
+            let three = translate(&pods_objects(&pods), &cfg, &mut allocator);
+            prop_assert_eq!(&first_ids, &ids(&three));
+        }
+    }
+}

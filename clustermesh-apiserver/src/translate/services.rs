@@ -1,0 +1,667 @@
+//! Global services: this cluster's part of each, with its backends unless they are private.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use cluster_source::{ClusterObjects, NamespacedName, ObjectKind};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use model::{
+    Backend, ClusterService, DnsLabel, DnsSubdomain, Entry, L4Port, PortMap, Protocol,
+    parse_service_annotations,
+};
+
+use super::{Out, object_name};
+
+/// Namespace annotation: `"true"` lets the namespace's services be global, `"false"` keeps
+/// them local whatever their own annotations say; absent means
+/// [`TranslateConfig::default_global_namespace`](super::TranslateConfig).
+pub const NAMESPACE_GLOBAL_ANNOTATION: &str = "clustermesh.cilium.io/global";
+
+/// The label tying an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Marks a Service without a cluster IP.
+const HEADLESS: &str = "None";
+
+type Slices<'a> = BTreeMap<(&'a str, &'a str), Vec<(&'a NamespacedName, &'a EndpointSlice)>>;
+
+pub(super) fn translate(objects: &ClusterObjects, out: &mut Out) {
+    let global_namespaces = namespace_globals(objects, out);
+    let default = out.config.default_global_namespace;
+    let namespace_is_global = |ns: &str| {
+        global_namespaces
+            .get(ns)
+            .copied()
+            .flatten()
+            .unwrap_or(default)
+    };
+    let mut slices: Slices = BTreeMap::new();
+    for (key, slice) in &objects.endpoint_slices {
+        if let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            slices
+                .entry((key.namespace.as_str(), service.as_str()))
+                .or_default()
+                .push((key, slice));
+        }
+    }
+    let mut services = Vec::new();
+    for (key, service) in &objects.services {
+        let object = object_name(ObjectKind::Service, Some(&key.namespace), &key.name);
+        let no_annotations = BTreeMap::new();
+        let annotations = service
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap_or(&no_annotations);
+        let (options, warnings) = parse_service_annotations(annotations);
+        for warning in warnings {
+            out.warn(&object, warning.to_string());
+        }
+        if options.global && namespace_is_global(&key.namespace) {
+            services.push((key, service, object, options.shared));
+        }
+    }
+    for (key, service, object, shared) in services {
+        let own_slices = slices
+            .get(&(key.namespace.as_str(), key.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if let Some(value) = service_value(key, service, shared, own_slices, &object, out) {
+            out.emit(&object, Entry::Service(value));
+        }
+    }
+}
+
+/// Each Namespace's own say (`None`: no valid annotation), warning about bad values.
+fn namespace_globals<'a>(
+    objects: &'a ClusterObjects,
+    out: &mut Out,
+) -> BTreeMap<&'a str, Option<bool>> {
+    let annotation = |ns: &'a Namespace| {
+        ns.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NAMESPACE_GLOBAL_ANNOTATION))
+    };
+    let mut globals = BTreeMap::new();
+    for (name, namespace) in &objects.namespaces {
+        let value = annotation(namespace).and_then(|value| {
+            let parsed = parse_bool(value);
+            if parsed.is_none() {
+                out.warn(
+                    &object_name(ObjectKind::Namespace, None, name),
+                    format!(
+                        "annotation {NAMESPACE_GLOBAL_ANNOTATION}: value {value:?} is not \
+                         \"true\" or \"false\"; ignoring it"
+                    ),
+                );
+            }
+            parsed
+        });
+        globals.insert(name.as_str(), value);
+    }
+    globals
+}
+
+fn parse_bool(value: &str) -> Option<bool> {
+    if value.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if value.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+fn service_value(
+    key: &NamespacedName,
+    service: &Service,
+    shared: bool,
+    slices: &[(&NamespacedName, &EndpointSlice)],
+    object: &str,
+    out: &mut Out,
+) -> Option<ClusterService> {
+    let names = DnsLabel::new(key.namespace.as_str()).and_then(|ns| {
+        let name = DnsLabel::new(key.name.as_str())?;
+        Ok((ns, name))
+    });
+    let (namespace, name) = match names {
+        Ok(names) => names,
+        Err(error) => {
+            out.warn(object, format!("not published: {error}"));
+            return None;
+        }
+    };
+    let spec = service.spec.as_ref();
+    let ports = service_ports(service, object, out);
+    let mut frontends = BTreeMap::new();
+    for ip in cluster_ips(service) {
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => {
+                frontends.insert(ip, ports.clone());
+            }
+            Err(_) => out.warn(
+                object,
+                format!("cluster IP {ip:?} is not an IP address; left out"),
+            ),
+        }
+    }
+    // Peers learn that the service exists here, but not where its backends are.
+    let backends = if shared {
+        backends(slices, out)
+    } else {
+        BTreeMap::new()
+    };
+    let cluster = &out.config.cluster;
+    Some(ClusterService {
+        schema: Default::default(),
+        cluster: cluster.name.clone(),
+        cluster_id: cluster.id,
+        namespace,
+        name,
+        frontends,
+        backends,
+        shared,
+        // Only global services are published, and a global service takes remote backends.
+        include_external: true,
+        labels: service.metadata.labels.clone().unwrap_or_default(),
+        selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
+    })
+}
+
+/// `spec.clusterIPs`, or the older `spec.clusterIP`; none for a headless service.
+fn cluster_ips(service: &Service) -> Vec<&str> {
+    let Some(spec) = service.spec.as_ref() else {
+        return Vec::new();
+    };
+    let ips: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(list) if !list.is_empty() => list.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.iter().map(String::as_str).collect(),
+    };
+    ips.into_iter()
+        .filter(|ip| !ip.is_empty() && *ip != HEADLESS)
+        .collect()
+}
+
+fn service_ports(service: &Service, object: &str, out: &mut Out) -> PortMap {
+    let listed = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    let mut ports = PortMap::new();
+    for port in listed {
+        let name = port.name.clone().unwrap_or_default();
+        add_port(
+            &mut ports,
+            name,
+            port.protocol.as_deref(),
+            port.port,
+            object,
+            out,
+        );
+    }
+    ports
+}
+
+/// Adds one port, warning about (and leaving out) a bad protocol, number or repeated name.
+fn add_port(
+    ports: &mut PortMap,
+    name: String,
+    protocol: Option<&str>,
+    number: i32,
+    object: &str,
+    out: &mut Out,
+) {
+    let protocol = match protocol.unwrap_or("TCP") {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        "SCTP" => Protocol::Sctp,
+        other => {
+            out.warn(
+                object,
+                format!("port {name:?}: protocol {other:?} is not TCP, UDP or SCTP; left out"),
+            );
+            return;
+        }
+    };
+    let port = match u16::try_from(number) {
+        Ok(port) if port != 0 => port,
+        _ => {
+            out.warn(
+                object,
+                format!("port {name:?}: {number} is not a port number (1..=65535); left out"),
+            );
+            return;
+        }
+    };
+    if ports.contains_key(&name) {
+        out.warn(
+            object,
+            format!("port name {name:?} is used twice; the first one is kept"),
+        );
+        return;
+    }
+    ports.insert(name, L4Port { protocol, port });
+}
+
+/// Backends from every slice of the service, by address. An address in several slices (as
+/// while a controller moves endpoints between slices) is merged: its ports are joined, and
+/// it is ready or serving if any slice says so, terminating only if all do.
+fn backends(
+    slices: &[(&NamespacedName, &EndpointSlice)],
+    out: &mut Out,
+) -> BTreeMap<IpAddr, Backend> {
+    let mut backends: BTreeMap<IpAddr, Backend> = BTreeMap::new();
+    for (key, slice) in slices {
+        // FQDN slices name hosts, not addresses: nothing a datapath can send to.
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        let object = object_name(ObjectKind::EndpointSlice, Some(&key.namespace), &key.name);
+        let mut ports = PortMap::new();
+        for port in slice.ports.as_deref().unwrap_or_default() {
+            let name = port.name.clone().unwrap_or_default();
+            match port.port {
+                Some(number) => add_port(
+                    &mut ports,
+                    name,
+                    port.protocol.as_deref(),
+                    number,
+                    &object,
+                    out,
+                ),
+                None => out.warn(
+                    &object,
+                    format!("port {name:?} has no number (all ports); left out"),
+                ),
+            }
+        }
+        for endpoint in &slice.endpoints {
+            let Some(template) = backend(endpoint, &ports, &object, out) else {
+                continue;
+            };
+            for address in &endpoint.addresses {
+                let Ok(ip) = address.parse::<IpAddr>() else {
+                    out.warn(
+                        &object,
+                        format!("endpoint address {address:?} is not an IP address; left out"),
+                    );
+                    continue;
+                };
+                match backends.get_mut(&ip) {
+                    Some(existing) => merge(existing, &template),
+                    None => {
+                        backends.insert(ip, template.clone());
+                    }
+                }
+            }
+        }
+    }
+    backends
+}
+
+/// The backend an endpoint stands for, or `None` when it is neither ready nor serving.
+///
+/// Conditions follow the EndpointSlice API: `ready` and `serving` count as true when unset
+/// (`serving` falls back to `ready`, for controllers older than the field), `terminating`
+/// as false. A terminating endpoint is never ready, only serving.
+fn backend(endpoint: &Endpoint, ports: &PortMap, object: &str, out: &mut Out) -> Option<Backend> {
+    let conditions = endpoint.conditions.clone().unwrap_or_default();
+    let terminating = conditions.terminating.unwrap_or(false);
+    let declared_ready = conditions.ready.unwrap_or(true);
+    let ready = declared_ready && !terminating;
+    let serving = conditions.serving.unwrap_or(declared_ready);
+    if !ready && !serving {
+        return None;
+    }
+    let node_name = endpoint.node_name.as_deref().and_then(|n| {
+        DnsSubdomain::new(n)
+            .map_err(|e| out.warn(object, format!("endpoint nodeName left out: {e}")))
+            .ok()
+    });
+    let hostname = endpoint.hostname.as_deref().and_then(|h| {
+        DnsLabel::new(h)
+            .map_err(|e| out.warn(object, format!("endpoint hostname left out: {e}")))
+            .ok()
+    });
+    Some(Backend {
+        ports: ports.clone(),
+        ready,
+        serving,
+        terminating,
+        zone: endpoint.zone.clone().filter(|z| !z.is_empty()),
+        node_name,
+        hostname,
+    })
+}
+
+fn merge(existing: &mut Backend, other: &Backend) {
+    for (name, port) in &other.ports {
+        existing.ports.entry(name.clone()).or_insert(*port);
+    }
+    existing.ready |= other.ready;
+    existing.serving |= other.serving;
+    existing.terminating &= other.terminating;
+    if existing.zone.is_none() {
+        existing.zone.clone_from(&other.zone);
+    }
+    if existing.node_name.is_none() {
+        existing.node_name.clone_from(&other.node_name);
+    }
+    if existing.hostname.is_none() {
+        existing.hostname.clone_from(&other.hostname);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::super::testutil::{config, objects, translate_all, values};
+    use super::super::{TranslateConfig, Warning};
+    use model::{ClusterService, Kind};
+
+    fn svc(ns: &str, name: &str, annotations: Value, cluster_ip: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": ns, "name": name, "annotations": annotations,
+                "labels": {"app": name}},
+            "spec": {"clusterIP": cluster_ip, "selector": {"app": name},
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+    }
+
+    fn slice(ns: &str, name: &str, service: &str, endpoints: Value) -> Value {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": ns, "name": name,
+                "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints})
+    }
+
+    fn ep(ip: &str, conditions: Value) -> Value {
+        json!({"addresses": [ip], "conditions": conditions, "nodeName": "node-a", "zone": "eu-1a"})
+    }
+
+    fn global() -> Value {
+        json!({"service.cilium.io/global": "true"})
+    }
+
+    fn namespace(name: &str, global: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name,
+            "annotations": {"clustermesh.cilium.io/global": global}}})
+    }
+
+    fn published_services(
+        docs: Vec<Value>,
+        config: &TranslateConfig,
+    ) -> (Vec<ClusterService>, Vec<Warning>) {
+        let published = translate_all(&objects(docs), config);
+        (values(&published, Kind::Services), published.warnings)
+    }
+
+    fn names(services: &[ClusterService]) -> Vec<String> {
+        services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect()
+    }
+
+    #[test]
+    fn which_services_are_published() {
+        let docs = vec![
+            svc("shop", "web", global(), "10.96.0.10"),
+            svc(
+                "shop",
+                "old",
+                json!({"io.cilium/global-service": "TRUE"}),
+                "10.96.0.11",
+            ),
+            svc("shop", "local", json!({}), "10.96.0.12"),
+            svc(
+                "shop",
+                "off",
+                json!({"service.cilium.io/global": "false"}),
+                "10.96.0.13",
+            ),
+            svc(
+                "shop",
+                "private",
+                json!({"service.cilium.io/global": "true",
+                "service.cilium.io/shared": "false"}),
+                "10.96.0.14",
+            ),
+            svc(
+                "shop",
+                "private-old",
+                json!({"io.cilium/global-service": "true",
+                "io.cilium/shared-service": "false"}),
+                "10.96.0.15",
+            ),
+            svc("closed", "web", global(), "10.96.1.10"),
+            svc("open", "web", global(), "10.96.2.10"),
+            svc("nons", "web", global(), "10.96.3.10"),
+            namespace("closed", "false"),
+            namespace("open", "true"),
+            namespace("shop", "TRUE"),
+            slice(
+                "shop",
+                "private-abc",
+                "private",
+                json!([ep("10.2.1.5", json!({}))]),
+            ),
+            slice(
+                "shop",
+                "private-old-abc",
+                "private-old",
+                json!([ep("10.2.1.6", json!({}))]),
+            ),
+        ];
+        let (services, warnings) = published_services(docs.clone(), &config());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            names(&services),
+            [
+                "nons/web",
+                "open/web",
+                "shop/old",
+                "shop/private",
+                "shop/private-old",
+                "shop/web"
+            ]
+        );
+        for private in &services[3..5] {
+            assert!(!private.shared);
+            assert!(
+                private.backends.is_empty(),
+                "private backends never leave the cluster"
+            );
+            assert_eq!(private.frontends.len(), 1);
+        }
+        assert!(services.iter().all(|s| s.include_external));
+
+        // Without the default, only namespaces annotated true publish.
+        let mut cfg = config();
+        cfg.default_global_namespace = false;
+        let (services, _) = published_services(docs, &cfg);
+        assert_eq!(
+            names(&services),
+            [
+                "open/web",
+                "shop/old",
+                "shop/private",
+                "shop/private-old",
+                "shop/web"
+            ]
+        );
+    }
+
+    #[test]
+    fn service_value_and_backends() {
+        let docs = vec![
+            json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "shop", "name": "web",
+                "annotations": {"service.cilium.io/global": "true",
+                    "service.cilium.io/affinity": "local"},
+                "labels": {"app": "web"}},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+                "selector": {"app": "web"},
+                "ports": [
+                    {"name": "http", "port": 80},
+                    {"name": "dns", "port": 53, "protocol": "UDP"},
+                ]}}),
+            // Two slices; 10.2.1.20 moves between them.
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "shop", "name": "web-a",
+                "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.2.1.17"], "conditions": {"ready": true, "serving": true,
+                    "terminating": false}, "nodeName": "node-a", "zone": "eu-1a",
+                    "hostname": "web-0"},
+                {"addresses": ["10.2.1.18"], "conditions": {"ready": false, "serving": true,
+                    "terminating": true}, "nodeName": "node-a"},
+                {"addresses": ["10.2.1.19"], "conditions": {"ready": false, "serving": false,
+                    "terminating": true}},
+                {"addresses": ["10.2.1.20"], "conditions": {"ready": false, "serving": true,
+                        "terminating": true}},
+                    {"addresses": ["10.2.1.21"], "conditions": {"ready": false}},
+            ]}),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "shop", "name": "web-b",
+                "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [
+                {"addresses": ["10.2.2.30"]},
+                {"addresses": ["10.2.1.20"], "conditions": {"ready": true}},
+            ]}),
+            // Another service's slice and a slice in another namespace are not used.
+            slice("shop", "db-a", "db", json!([ep("10.2.9.9", json!({}))])),
+            slice("other", "web-x", "web", json!([ep("10.2.8.8", json!({}))])),
+        ];
+        let (services, warnings) = published_services(docs, &config());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(services.len(), 1);
+        let json = serde_json::to_value(&services[0]).unwrap();
+        let tcp = |port: u16| json!({"protocol": "TCP", "port": port});
+        let udp = |port: u16| json!({"protocol": "UDP", "port": port});
+        assert_eq!(
+            json,
+            json!({
+                "schema": 1, "cluster": "eu-1", "cluster_id": 2, "namespace": "shop",
+                "name": "web",
+                "frontends": {
+                    "10.96.0.10": {"dns": udp(53), "http": tcp(80)},
+                    "fd00:96::10": {"dns": udp(53), "http": tcp(80)},
+                },
+                "backends": {
+                    "10.2.1.17": {"ports": {"http": tcp(8080)}, "ready": true, "serving": true,
+                        "terminating": false, "zone": "eu-1a", "node_name": "node-a",
+                        "hostname": "web-0"},
+                    "10.2.1.18": {"ports": {"http": tcp(8080)}, "ready": false, "serving": true,
+                        "terminating": true, "node_name": "node-a"},
+                    "10.2.1.20": {"ports": {"dns": udp(5353), "http": tcp(8080)}, "ready": true,
+                        "serving": true, "terminating": false},
+                    "10.2.2.30": {"ports": {"dns": udp(5353)}, "ready": true, "serving": true,
+                        "terminating": false},
+                },
+                "shared": true, "include_external": true,
+                "labels": {"app": "web"}, "selector": {"app": "web"},
+            })
+        );
+    }
+
+    #[test]
+    fn headless_service_has_no_frontend() {
+        let docs = vec![
+            svc("shop", "db", global(), "None"),
+            slice(
+                "shop",
+                "db-a",
+                "db",
+                json!([ep("10.2.1.40", json!({"ready": true}))]),
+            ),
+        ];
+        let (services, warnings) = published_services(docs, &config());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(services[0].frontends.is_empty());
+        assert_eq!(services[0].backends.len(), 1);
+    }
+
+    #[test]
+    fn bad_annotations_and_fields_are_warned() {
+        let docs = vec![
+            svc(
+                "shop",
+                "web",
+                json!({"service.cilium.io/global": "true",
+                "service.cilium.io/affinity": "sideways"}),
+                "10.96.0.10",
+            ),
+            svc(
+                "shop",
+                "maybe",
+                json!({"service.cilium.io/global": "yes"}),
+                "10.96.0.11",
+            ),
+            svc(
+                "shop",
+                "lonely",
+                json!({"service.cilium.io/shared": "false"}),
+                "10.96.0.12",
+            ),
+            json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"namespace": "shop", "name": "odd",
+                    "annotations": {"service.cilium.io/global": "true"}},
+                "spec": {"clusterIP": "10.96.0.999",
+                    "ports": [{"name": "a", "port": 80, "protocol": "ICMP"},
+                              {"name": "b", "port": 70000},
+                              {"name": "c", "port": 81},
+                              {"name": "c", "port": 82}]}}),
+            namespace("weird", "maybe"),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"namespace": "shop", "name": "web-a",
+                    "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http"}],
+                "endpoints": [{"addresses": ["10.2.1.300", "10.2.1.3"], "nodeName": "Node_A"}]}),
+        ];
+        let (services, warnings) = published_services(docs, &config());
+        assert_eq!(names(&services), ["shop/odd", "shop/web"]);
+        // The bad affinity counts as absent: the service is published as usual.
+        assert_eq!(services[1].frontends.len(), 1);
+        let ip3: std::net::IpAddr = "10.2.1.3".parse().unwrap();
+        assert_eq!(services[1].backends[&ip3].node_name, None);
+        assert!(services[1].backends[&ip3].ports.is_empty());
+        assert!(services[0].frontends.is_empty());
+        let text: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        let expect = [
+            "Namespace weird: annotation clustermesh.cilium.io/global: value \"maybe\"",
+            "Service shop/lonely: annotation service.cilium.io/shared has no effect",
+            "Service shop/maybe: annotation service.cilium.io/global: value \"yes\"",
+            "Service shop/web: annotation service.cilium.io/affinity: value \"sideways\"",
+            "Service shop/odd: port \"a\": protocol \"ICMP\"",
+            "Service shop/odd: port \"b\": 70000 is not a port number",
+            "Service shop/odd: port name \"c\" is used twice",
+            "Service shop/odd: cluster IP \"10.96.0.999\" is not an IP address",
+            "EndpointSlice shop/web-a: port \"http\" has no number",
+            "EndpointSlice shop/web-a: endpoint nodeName left out",
+            "EndpointSlice shop/web-a: endpoint address \"10.2.1.300\"",
+        ];
+        assert_eq!(text.len(), expect.len(), "{text:#?}");
+        for (got, want) in text.iter().zip(expect) {
+            assert!(
+                got.starts_with(want),
+                "{got:?} should start with {want:?}\n{text:#?}"
+            );
+        }
+    }
+}

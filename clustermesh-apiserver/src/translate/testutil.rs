@@ -1,0 +1,62 @@
+//! Builders for the translation's tests: k8s-openapi objects from JSON literals.
+
+use cluster_source::{AnyObject, ClusterObjects};
+use model::keys::Kind;
+use model::{
+    Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters, StoreValue,
+};
+use serde_json::Value;
+
+use super::{Published, TranslateConfig, translate};
+use crate::identity::IdentityAllocator;
+
+pub(crate) fn cluster(name: &str, id: u16) -> ClusterConfig {
+    ClusterConfig::new(
+        ClusterName::new(name).unwrap(),
+        ClusterId::try_from(id).unwrap(),
+        MaxConnectedClusters::Max255,
+        Capabilities::default(),
+    )
+    .unwrap()
+}
+
+/// Cluster `eu-1`, id 2, every namespace global by default.
+pub(crate) fn config() -> TranslateConfig {
+    TranslateConfig::new(cluster("eu-1", 2))
+}
+
+/// A synced snapshot of `docs`, each a k8s object with `kind` set.
+pub(crate) fn objects(docs: Vec<Value>) -> ClusterObjects {
+    let mut objects = ClusterObjects {
+        synced: true,
+        ..Default::default()
+    };
+    for doc in docs {
+        let kind = doc["kind"].as_str().expect("kind").to_owned();
+        let object = match kind.as_str() {
+            "Namespace" => AnyObject::Namespace(serde_json::from_value(doc).unwrap()),
+            "Node" => AnyObject::Node(serde_json::from_value(doc).unwrap()),
+            "Service" => AnyObject::Service(serde_json::from_value(doc).unwrap()),
+            "EndpointSlice" => AnyObject::EndpointSlice(serde_json::from_value(doc).unwrap()),
+            "Pod" => AnyObject::Pod(serde_json::from_value(doc).unwrap()),
+            other => panic!("no builder for kind {other}"),
+        };
+        assert!(objects.insert(object).is_none(), "object given twice");
+    }
+    objects
+}
+
+/// Translates with a fresh allocator.
+pub(crate) fn translate_all(objects: &ClusterObjects, config: &TranslateConfig) -> Published {
+    let mut allocator = IdentityAllocator::new(&config.cluster).unwrap();
+    translate(objects, config, &mut allocator)
+}
+
+/// The published values of `kind`, decoded, in key order.
+pub(crate) fn values<V: StoreValue>(published: &Published, kind: Kind) -> Vec<V> {
+    published
+        .kind(kind)
+        .values()
+        .map(|bytes| V::decode(bytes).unwrap())
+        .collect()
+}
