@@ -112,6 +112,10 @@ impl Applier {
 }
 
 async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pending>, cancel: CancellationToken) {
+    // Applying and committing are pipelined: while one group is being fsynced, the next is
+    // gathered and applied in memory (readers still see only durable revisions).
+    let (staged_tx, staged_rx) = mpsc::channel(1);
+    let committer = tokio::spawn(commit_loop(shared.clone(), staged_rx, cancel.clone()));
     let mut group = Vec::with_capacity(MAX_GROUP);
     loop {
         let first = tokio::select! {
@@ -129,29 +133,73 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pending>, cancel: Cance
                 Err(_) => break,
             }
         }
-        if let Err(error) = apply_group(&shared, &mut group).await {
-            // Memory is now ahead of disk; serving on would acknowledge writes a restart loses.
-            tracing::error!(%error, "durable commit failed; the store stops accepting requests");
-            cancel.cancel();
+        let staged = stage(&shared, std::mem::take(&mut group));
+        if staged_tx.send(staged).await.is_err() {
             break;
         }
     }
     rx.close();
+    drop(staged_tx);
+    let _ = committer.await;
     tracing::debug!("applier stopped");
 }
 
-async fn apply_group(shared: &Arc<Shared>, group: &mut Vec<Pending>) -> Result<(), StorageError> {
+/// A group applied in memory, waiting to become durable.
+struct Staged {
+    batch: Batch,
+    events: Vec<PbEvent>,
+    revision: i64,
+    replies: Vec<(Pending, Result<WriteResponse, KvError>)>,
+}
+
+fn stage(shared: &Shared, group: Vec<Pending>) -> Staged {
     let mut batch = Batch::default();
     let mut events = Vec::new();
-    let mut results = Vec::with_capacity(group.len());
-    let revision = {
-        let mut state = shared.write();
-        for pending in group.iter() {
-            results.push(state.apply(&pending.request, &mut batch, &mut events));
+    let mut state = shared.write();
+    let replies = group
+        .into_iter()
+        .map(|pending| {
+            let result = state.apply(&pending.request, &mut batch, &mut events);
+            (pending, result)
+        })
+        .collect();
+    batch.meta = Some(state.meta());
+    Staged {
+        batch,
+        events,
+        revision: state.current_revision(),
+        replies,
+    }
+}
+
+async fn commit_loop(
+    shared: Arc<Shared>,
+    mut staged: mpsc::Receiver<Staged>,
+    cancel: CancellationToken,
+) {
+    while let Some(group) = staged.recv().await {
+        if let Err(error) = commit(&shared, group).await {
+            // Memory is now ahead of disk; serving on would acknowledge writes a restart loses.
+            tracing::error!(%error, "durable commit failed; the store stops accepting requests");
+            cancel.cancel();
+            staged.close();
+            while let Some(group) = staged.recv().await {
+                for (pending, _) in group.replies {
+                    let _ = pending.reply.send(Err(KvError::Stopped));
+                }
+            }
+            return;
         }
-        batch.meta = Some(state.meta());
-        state.current_revision()
-    };
+    }
+}
+
+async fn commit(shared: &Shared, group: Staged) -> Result<(), StorageError> {
+    let Staged {
+        batch,
+        events,
+        revision,
+        replies,
+    } = group;
     let storage = shared.storage.clone();
     let committed = tokio::task::spawn_blocking(move || storage.commit(batch))
         .await
@@ -164,13 +212,13 @@ async fn apply_group(shared: &Arc<Shared>, group: &mut Vec<Pending>) -> Result<(
                 // No receivers is fine: nobody is watching.
                 let _ = shared.feed.send(Arc::new(Committed { revision, events }));
             }
-            for (pending, result) in group.drain(..).zip(results) {
+            for (pending, result) in replies {
                 let _ = pending.reply.send(result);
             }
             Ok(())
         }
         Err(error) => {
-            for pending in group.drain(..) {
+            for (pending, _) in replies {
                 let _ = pending.reply.send(Err(KvError::Stopped));
             }
             Err(error)
