@@ -15,9 +15,6 @@ use kvstore::server::{ServerConfig, TlsFiles as ServerTls};
 use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for a command line or configuration that cannot work (sysexits' EX_USAGE).
-const EXIT_USAGE: u8 = 64;
-
 #[derive(Parser, Debug)]
 #[command(
     name = "clustermesh-apiserver",
@@ -201,66 +198,13 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(error) if !error.use_stderr() => error.exit(),
-        Err(error) => {
-            let _ = error.print();
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let config = match args.config() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: starting the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::main("clustermesh-apiserver", Args::config, run)
 }
 
-async fn run(config: ApiserverConfig) -> anyhow::Result<()> {
-    let cancel = CancellationToken::new();
+async fn run(config: ApiserverConfig, cancel: CancellationToken) -> anyhow::Result<()> {
     let running = clustermesh_apiserver::start(config, cancel.clone()).await?;
     tracing::info!(store = %running.store_endpoint, health = ?running.health_addr, "clustermesh-apiserver started");
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    cancel.cancel();
+    cancel.cancelled().await;
     running.wait().await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the apiserver");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

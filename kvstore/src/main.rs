@@ -11,9 +11,6 @@ use clap::{Parser, Subcommand};
 use kvstore::server::{DEFAULT_MAX_REQUEST_BYTES, Server, ServerConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for a command line or configuration that cannot work (sysexits' EX_USAGE).
-const EXIT_USAGE: u8 = 64;
-
 #[derive(Parser, Debug)]
 #[command(
     name = "kvstore",
@@ -128,69 +125,17 @@ impl ServeArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error) if !error.use_stderr() => error.exit(),
-        Err(error) => {
-            let _ = error.print();
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let Command::Serve(args) = cli.command;
-    let config = match args.config() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: starting the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::main(
+        "kvstore",
+        |cli: Cli| {
+            let Command::Serve(args) = cli.command;
+            args.config()
+        },
+        serve,
+    )
 }
 
-async fn serve(config: ServerConfig) -> anyhow::Result<()> {
-    let cancel = CancellationToken::new();
-    let server = Server::start(config, cancel.clone()).await?;
-    let signals = cancel.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        signals.cancel();
-    });
-    server.wait().await?;
+async fn serve(config: ServerConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+    Server::start(config, cancel).await?.wait().await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
