@@ -1,6 +1,7 @@
 //! `clustermesh`: the operator's command. Parsing and messages live here; the work is done
 //! by the library crates, so this file stays thin.
 
+mod agent_cmd;
 mod certs_cmd;
 mod store_cmd;
 
@@ -33,6 +34,9 @@ enum Command {
     /// Operate on a cluster's store.
     #[command(subcommand)]
     Store(store_cmd::StoreCommand),
+    /// Show a node agent's desired-state tables (from its local API).
+    #[command(subcommand)]
+    Agent(agent_cmd::AgentCommand),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Certs(cmd) => certs_cmd::run(cmd),
         Command::Store(cmd) => store_cmd::run(cmd),
+        Command::Agent(cmd) => agent_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

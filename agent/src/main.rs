@@ -1,0 +1,293 @@
+//! `clustermesh-agent`: the node agent's control plane (desired-state tables, no datapath yet).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agent::daemon::{AgentConfig, LocalSource};
+use agent::health::HealthConfig;
+use agent::policy::PolicyOptions;
+use agent::remote::{PeerSource, WatchTiming};
+use anyhow::{Context, bail};
+use clap::Parser;
+use kvstore::client::{ClientConfig, TlsFiles};
+use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a command line or configuration that cannot work (sysexits' EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "clustermesh-agent",
+    version,
+    about = "Per node: turns the local cluster's and every peer's state into desired-state tables \
+             (services, ipcache, policy, routes) served on a local API",
+    after_help = "Peers are read from kvstoremesh's cache in the local store (--store-endpoints, \
+                  the default deployment) or directly from each peer's store (--peers-dir). \
+                  The datapath is not programmed yet (--datapath=none is the only mode); \
+                  `clustermesh agent services|ipcache|policy` shows the tables."
+)]
+struct Args {
+    /// This cluster's name.
+    #[arg(long)]
+    cluster_name: String,
+    /// This cluster's id: 1..=255, or 1..=511 with --max-connected-clusters 511.
+    #[arg(long)]
+    cluster_id: u16,
+    /// 255 or 511; every cluster of a mesh must use the same value.
+    #[arg(long, default_value_t = 255)]
+    max_connected_clusters: u32,
+    /// The node this agent runs on: policies apply to its pods (all local pods when unset).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Read the local cluster from this directory of Kubernetes manifests (watched).
+    #[arg(
+        long,
+        conflicts_with = "kubeconfig",
+        required_unless_present = "kubeconfig"
+    )]
+    manifests: Option<PathBuf>,
+    /// Read the local cluster from the Kubernetes API with this kubeconfig.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Read peers directly from their stores: one etcd client-config YAML file per peer,
+    /// named after it (kvstoremesh's format).
+    #[arg(
+        long,
+        conflicts_with = "store_endpoints",
+        required_unless_present = "store_endpoints"
+    )]
+    peers_dir: Option<PathBuf>,
+    /// Read peers from kvstoremesh's cache in the local store at these endpoints.
+    #[arg(long, value_delimiter = ',')]
+    store_endpoints: Vec<String>,
+    /// CA bundle of the local store's server certificate.
+    #[arg(long, requires = "store_endpoints")]
+    store_cacert: Option<PathBuf>,
+    /// Client certificate for the local store (local-<cluster>).
+    #[arg(long, requires_all = ["store_key", "store_cacert"])]
+    store_cert: Option<PathBuf>,
+    /// Client key for the local store.
+    #[arg(long, requires = "store_cert")]
+    store_key: Option<PathBuf>,
+    /// Where the API listens (loopback: it is for the node's operator).
+    #[arg(long, default_value = "127.0.0.1:9890")]
+    api_listen: SocketAddr,
+    /// Write the API's bound address to this file once it listens (with port 0).
+    #[arg(long)]
+    api_addr_file: Option<PathBuf>,
+    /// Persist every cluster's last part here, so a restarted agent keeps its tables until
+    /// each cluster has resynced.
+    #[arg(long, default_value = "clustermesh-agent.state.json")]
+    state_file: PathBuf,
+    /// Persist nothing.
+    #[arg(long)]
+    no_state: bool,
+    /// At most one state write per this interval.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    persist_interval: Duration,
+    /// How long a peer may be lost (connection or heartbeat) before its backends are demoted.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// How long a peer's heartbeat may stay unchanged before it counts as lost.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Duration,
+    /// Idle watches ask for progress this often (bounds how long a change waits for the
+    /// other watched prefixes).
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    watch_progress_interval: Duration,
+    /// Direct reads: how often each peer's heartbeat and config are read.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_interval: Duration,
+    /// Direct reads: how often the peers directory is read.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    peers_poll_interval: Duration,
+    /// Timeout of one store request.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// First reconnect delay (doubles, with jitter).
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    backoff_base: Duration,
+    /// Longest reconnect delay.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    backoff_max: Duration,
+    /// A peer no longer configured is forgotten after this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    forget_after: Duration,
+    /// Whether namespaces without the clustermesh.cilium.io/global annotation are global.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    default_global_namespace: bool,
+    /// Policy peer selectors without io.cilium.k8s.policy.cluster select the local cluster
+    /// only (default: every cluster, as Cilium's classic behaviour).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    policy_default_local_cluster: bool,
+    /// The datapath to program; only `none` exists yet.
+    #[arg(long, default_value = "none")]
+    datapath: String,
+    /// How long shutdown waits for the parts to stop.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+impl Args {
+    fn config(self) -> anyhow::Result<AgentConfig> {
+        let name = ClusterName::new(self.cluster_name).context("--cluster-name")?;
+        let max = MaxConnectedClusters::from_value(self.max_connected_clusters)
+            .context("--max-connected-clusters")?;
+        let id = ClusterId::new(self.cluster_id, max).context("--cluster-id")?;
+        let cluster =
+            ClusterConfig::new(name, id, max, Capabilities::default()).context("cluster config")?;
+        if self.datapath != "none" {
+            bail!(
+                "--datapath {}: only \"none\" is available yet",
+                self.datapath
+            );
+        }
+        let source = match (self.manifests, self.kubeconfig) {
+            (Some(dir), _) => {
+                if !dir.is_dir() {
+                    bail!("--manifests {}: not a directory", dir.display());
+                }
+                LocalSource::Manifests(dir)
+            }
+            (None, kubeconfig) => LocalSource::Kubernetes { kubeconfig },
+        };
+        let peers = match self.peers_dir {
+            Some(dir) => {
+                if !dir.is_dir() {
+                    bail!("--peers-dir {}: not a directory", dir.display());
+                }
+                PeerSource::Direct { peers_dir: dir }
+            }
+            None => {
+                let mut client = ClientConfig::new(self.store_endpoints);
+                client.request_timeout = self.request_timeout;
+                if let Some(ca) = self.store_cacert {
+                    client.tls = Some(TlsFiles {
+                        ca,
+                        cert: self.store_cert,
+                        key: self.store_key,
+                    });
+                }
+                client.validate().context("--store-endpoints")?;
+                PeerSource::Cache(client)
+            }
+        };
+        Ok(AgentConfig {
+            cluster,
+            node_name: self.node_name,
+            source,
+            peers,
+            api_listen: self.api_listen,
+            state_file: (!self.no_state).then_some(self.state_file),
+            persist_interval: self.persist_interval,
+            health: HealthConfig {
+                grace: self.grace,
+                heartbeat_timeout: self.heartbeat_timeout,
+            },
+            watch: WatchTiming {
+                progress_interval: self.watch_progress_interval,
+                probe_interval: self.probe_interval,
+                peers_poll_interval: self.peers_poll_interval,
+                request_timeout: self.request_timeout,
+                backoff_base: self.backoff_base,
+                backoff_max: self.backoff_max,
+                ..WatchTiming::default()
+            },
+            default_global_namespace: self.default_global_namespace,
+            policy: PolicyOptions {
+                default_local_cluster: self.policy_default_local_cluster,
+            },
+            forget_after: self.forget_after,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let api_addr_file = args.api_addr_file.clone();
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("clustermesh-agent: {error:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("clustermesh-agent: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let cancel = CancellationToken::new();
+        let running = match agent::daemon::start(config, cancel.clone()).await {
+            Ok(running) => running,
+            Err(error) => {
+                eprintln!("clustermesh-agent: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(path) = api_addr_file
+            && let Err(error) = std::fs::write(&path, running.api_addr.to_string())
+        {
+            eprintln!(
+                "clustermesh-agent: --api-addr-file {}: {error}",
+                path.display()
+            );
+            cancel.cancel();
+            running.wait().await;
+            return ExitCode::FAILURE;
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        cancel.cancel();
+        running.wait().await;
+        ExitCode::SUCCESS
+    })
+}

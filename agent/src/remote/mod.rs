@@ -1,0 +1,998 @@
+//! Peers' state: one watcher abstraction over two sources.
+//!
+//! - [`PeerSource::Cache`] (the default): kvstoremesh's cache in the local store
+//!   (`cilium/cache/<kind>/v1/<peer>/...`, its canaries, its status of each peer and the
+//!   mirrored heartbeat). One connection for every peer.
+//! - [`PeerSource::Direct`]: each peer's own store, from a peers directory in kvstoremesh's
+//!   format (one YAML file per peer named after it: `endpoints`, `trusted-ca-file`,
+//!   `cert-file`, `key-file`). One connection per peer.
+//!
+//! Either way a session lists every prefix it reads at one store revision, then watches them
+//! from the next revision with [`MergedWatch`], which hands out changes one revision at a time
+//! in revision order across the prefixes. Every key goes through [`tracker::signal_of`] and
+//! one [`PeerTracker`] per peer, which validates, gates on the sync canaries and decides what
+//! reaches the agent ([`PeerUpdate`]). A broken session resumes from the revision it reached,
+//! so a peer that comes back costs no relist; only a compacted revision or a replaced store
+//! does.
+
+pub mod tracker;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::FutureExt;
+use kvstore::client::{ClientConfig, StoreClient, WatchConfig, WatchEvent, WatchStream};
+use model::keys::{
+    CACHE_ROOT, CLUSTER_CONFIG_ROOT, HEARTBEAT_KEY, STATE_ROOT, SYNCED_ROOT, cluster_config_key,
+};
+use model::{ClusterConfig, ClusterName};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::{StreamExt, StreamMap};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use tracker::{KeyClass, Layout, PeerTracker, PeerUpdate, Phase, Signal, USED_KINDS};
+
+/// Where peers' state is read from.
+#[derive(Clone, Debug)]
+pub enum PeerSource {
+    /// kvstoremesh's cache in the local store.
+    Cache(ClientConfig),
+    /// Each peer's store, from a peers directory.
+    Direct {
+        /// One file per peer, named after it.
+        peers_dir: PathBuf,
+    },
+}
+
+/// How often and how long things happen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchTiming {
+    /// Idle watches ask the store for progress this often, so changes under one prefix are
+    /// handed out once every other prefix is known to have nothing earlier.
+    pub progress_interval: Duration,
+    /// Direct reads: how often a peer's heartbeat and cluster config are read.
+    pub probe_interval: Duration,
+    /// Direct reads: how often the peers directory is read.
+    pub peers_poll_interval: Duration,
+    /// Timeout of one request to a peer's store (direct reads).
+    pub request_timeout: Duration,
+    /// First reconnect delay; doubles up to `backoff_max`, with jitter.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Keys per page when listing.
+    pub list_page_size: i64,
+}
+
+impl Default for WatchTiming {
+    fn default() -> Self {
+        WatchTiming {
+            progress_interval: Duration::from_millis(200),
+            probe_interval: Duration::from_secs(1),
+            peers_poll_interval: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            list_page_size: 2000,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The store client refused or failed a request.
+    #[error("store: {0}")]
+    Store(#[from] kvstore::client::Error),
+    /// A raw etcd request failed.
+    #[error("{op}: {source}")]
+    Etcd {
+        /// The request.
+        op: &'static str,
+        /// The failure.
+        source: etcd_client::Error,
+    },
+    /// A request took longer than the timeout.
+    #[error("{op}: no answer within {after:?}")]
+    Timeout {
+        /// The request.
+        op: &'static str,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The store's answer did not make sense.
+    #[error("{0}")]
+    Protocol(String),
+    /// A watch stream failed; resume from the revision reached.
+    #[error("watch broken: {0}")]
+    Broken(String),
+    /// The revision the watch needed is compacted: list again.
+    #[error("watch revision compacted; listing again")]
+    Compacted,
+    /// The peer has published no usable cluster config (yet).
+    #[error("{0}")]
+    NotReady(String),
+    /// The agent stopped listening.
+    #[error("the agent stopped")]
+    Closed,
+}
+
+/// One change of a key, without its revision (changes are handed out per revision).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyEvent {
+    /// The key.
+    pub key: String,
+    /// The new value; `None` for a deletion.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Every key under `prefixes` at one revision (the revision of the first page), paged.
+pub async fn list_at(
+    client: &StoreClient,
+    prefixes: &[String],
+    page: i64,
+) -> Result<(i64, Vec<KeyEvent>), RemoteError> {
+    let mut kv = client
+        .etcd()
+        .kv_client()
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let timeout = client.request_timeout();
+    let mut revision = 0i64;
+    let mut out = Vec::new();
+    for prefix in prefixes {
+        let end = kvstore::client::prefix_range_end(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        loop {
+            let mut options = etcd_client::GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut resp =
+                match tokio::time::timeout(timeout, kv.get(start.clone(), Some(options))).await {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(source)) => {
+                        if source.to_string().contains("compacted") {
+                            return Err(RemoteError::Compacted);
+                        }
+                        return Err(RemoteError::Etcd { op: "list", source });
+                    }
+                    Err(_) => {
+                        return Err(RemoteError::Timeout {
+                            op: "list",
+                            after: timeout,
+                        });
+                    }
+                };
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
+                    RemoteError::Protocol("a range response without header".into())
+                })?;
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last() else {
+                break;
+            };
+            start = last.key().to_vec();
+            start.push(0);
+            for kv in kvs {
+                let (key, value) = kv.into_key_value();
+                match String::from_utf8(key) {
+                    Ok(key) => out.push(KeyEvent {
+                        key,
+                        value: Some(value),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(key = %String::from_utf8_lossy(e.as_bytes()), "ignoring a key that is not UTF-8")
+                    }
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+    }
+    Ok((revision, out))
+}
+
+/// Watches of several prefixes handed out as one stream of whole revisions, in order.
+///
+/// A revision is handed out once every watch is known to have delivered everything up to it
+/// (by its own events or a progress notification), so the changes of one store transaction
+/// arrive together even when they span prefixes, and a deletion is never applied before a
+/// canary deletion of the same or an earlier revision. Waiting for the other watches costs up
+/// to the progress interval, so writes that ordering cannot hurt (`early` keys: entry and
+/// status writes, never deletions or canaries) are handed out at once unless a change of the
+/// same key is queued ahead of them.
+#[derive(Debug)]
+pub struct MergedWatch {
+    streams: StreamMap<usize, WatchStream<Vec<u8>>>,
+    frontiers: Vec<i64>,
+    pending: BTreeMap<i64, Vec<KeyEvent>>,
+    ready: std::collections::VecDeque<(i64, Vec<KeyEvent>)>,
+    early: fn(&str) -> bool,
+}
+
+impl MergedWatch {
+    /// Watches `prefixes` from revision `from`; writes of keys for which `early` holds may
+    /// be handed out ahead of the other watches' progress.
+    pub async fn open(
+        client: &StoreClient,
+        prefixes: &[String],
+        from: i64,
+        progress: Duration,
+        early: fn(&str) -> bool,
+    ) -> Result<Self, RemoteError> {
+        let config = WatchConfig {
+            progress_request_interval: Some(progress),
+            buffer: 64,
+        };
+        let raw = client.raw();
+        let mut streams = StreamMap::new();
+        for (i, prefix) in prefixes.iter().enumerate() {
+            streams.insert(i, raw.watch_prefix_with(prefix, from, &config).await?);
+        }
+        Ok(MergedWatch {
+            streams,
+            frontiers: vec![from; prefixes.len()],
+            pending: BTreeMap::new(),
+            ready: std::collections::VecDeque::new(),
+            early,
+        })
+    }
+
+    /// The revision to watch from to continue exactly after what was handed out.
+    pub fn resume_point(&self) -> i64 {
+        let floor = self.frontiers.iter().copied().min().unwrap_or(0);
+        self.pending.keys().next().map_or(floor, |r| floor.min(*r))
+    }
+
+    /// The next whole revision: its number and its changes.
+    pub async fn next(&mut self) -> Result<(i64, Vec<KeyEvent>), RemoteError> {
+        loop {
+            let floor = self.frontiers.iter().copied().min().unwrap_or(0);
+            // Whatever can go out, in revision order (a write handed out early never
+            // overtakes a change of its own key: it was only taken while none was queued).
+            let ready = self.ready.front().map(|(r, _)| *r);
+            let due = self.pending.keys().next().copied().filter(|r| *r < floor);
+            match (ready, due) {
+                (Some(r), Some(d)) if d < r => {
+                    return Ok(self.pending.pop_first().unwrap_or_default());
+                }
+                (Some(_), _) => return Ok(self.ready.pop_front().unwrap_or_default()),
+                (None, Some(_)) => return Ok(self.pending.pop_first().unwrap_or_default()),
+                (None, None) => {}
+            }
+            let Some((i, event)) = self.streams.next().await else {
+                return Err(RemoteError::Broken("every watch stream ended".into()));
+            };
+            let resume = self
+                .streams
+                .iter()
+                .find(|(k, _)| *k == i)
+                .map(|(_, s)| s.resume_revision());
+            match event {
+                WatchEvent::Put {
+                    key,
+                    value,
+                    mod_revision,
+                    ..
+                } => {
+                    let event = KeyEvent {
+                        key,
+                        value: Some(value),
+                    };
+                    // Only a queued change of the same key must stay ahead of it.
+                    let queued = || self.pending.values().flatten().any(|e| e.key == event.key);
+                    if (self.early)(&event.key) && !queued() {
+                        match self.ready.back_mut() {
+                            Some((r, batch)) if *r == mod_revision => batch.push(event),
+                            _ => self.ready.push_back((mod_revision, vec![event])),
+                        }
+                    } else {
+                        self.pending.entry(mod_revision).or_default().push(event);
+                    }
+                }
+                WatchEvent::Delete { key, mod_revision }
+                | WatchEvent::Invalid {
+                    key, mod_revision, ..
+                } => self
+                    .pending
+                    .entry(mod_revision)
+                    .or_default()
+                    .push(KeyEvent { key, value: None }),
+                WatchEvent::Progress { .. } => {}
+                WatchEvent::Compacted { .. } => return Err(RemoteError::Compacted),
+                WatchEvent::Broken { error, .. } => {
+                    if matches!(error, kvstore::client::Error::FutureRevision { .. }) {
+                        // The store is behind us: it was replaced.
+                        return Err(RemoteError::Compacted);
+                    }
+                    return Err(RemoteError::Broken(error.to_string()));
+                }
+            }
+            if let Some(resume) = resume {
+                self.frontiers[i] = self.frontiers[i].max(resume);
+            }
+        }
+    }
+}
+
+/// Reconnect delays: doubling from a base to a maximum, each with ±50% jitter so peers that
+/// failed together do not come back together.
+#[derive(Debug)]
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new(timing: &WatchTiming) -> Self {
+        Backoff {
+            base: timing.backoff_base,
+            max: timing.backoff_max,
+            attempt: 0,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
+        self.attempt = self.attempt.saturating_add(1);
+        let capped = exp.min(self.max);
+        capped.mul_f64(rand::rng().random_range(0.5..1.5))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Sends updates to the agent; `Closed` when it stopped.
+async fn flush(
+    tx: &mpsc::Sender<Vec<PeerUpdate>>,
+    out: &mut Vec<PeerUpdate>,
+) -> Result<(), RemoteError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    tx.send(std::mem::take(out))
+        .await
+        .map_err(|_| RemoteError::Closed)
+}
+
+/// Sleeps for `delay` unless cancelled first; says whether to go on.
+async fn pause(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Starts reading peers from `source`; updates go to `tx` until `cancel`.
+pub fn spawn(
+    source: PeerSource,
+    local: ClusterConfig,
+    timing: WatchTiming,
+    tx: mpsc::Sender<Vec<PeerUpdate>>,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    match source {
+        PeerSource::Cache(config) => tokio::spawn(
+            run_cache(config, local, timing, tx, cancel)
+                .instrument(tracing::info_span!("peers", source = "cache")),
+        ),
+        PeerSource::Direct { peers_dir } => tokio::spawn(
+            run_direct(peers_dir, local, timing, tx, cancel)
+                .instrument(tracing::info_span!("peers", source = "direct")),
+        ),
+    }
+}
+
+/// Whether a store is the one a resume point belongs to.
+#[derive(Debug, Default)]
+struct StoreIdentity {
+    cluster_id: Option<u64>,
+}
+
+impl StoreIdentity {
+    /// Checks the store; `false` when it was replaced since the last session (another
+    /// cluster id, or a revision behind where we were).
+    async fn same_store(
+        &mut self,
+        client: &StoreClient,
+        resume: Option<i64>,
+    ) -> Result<bool, RemoteError> {
+        let status = client.status().await?;
+        let replaced = self.cluster_id.is_some_and(|id| id != status.cluster_id)
+            || resume.is_some_and(|r| status.revision + 1 < r);
+        self.cluster_id = Some(status.cluster_id);
+        Ok(!replaced)
+    }
+}
+
+/// Writes that may overtake other watches: anything but a canary.
+fn early_cache(key: &str) -> bool {
+    !matches!(
+        tracker::classify(Layout::Cache, key),
+        Some(KeyClass::Canary(..))
+    )
+}
+
+/// Writes that may overtake other watches: anything but a canary.
+fn early_direct(key: &str) -> bool {
+    !matches!(
+        tracker::classify(Layout::Direct, key),
+        Some(KeyClass::Canary(..))
+    )
+}
+
+/// Applies one revision's changes through `route`, completeness signals first.
+fn order_batch(layout: Layout, events: Vec<KeyEvent>) -> Vec<(Option<ClusterName>, Signal)> {
+    let mut signals: Vec<(Option<ClusterName>, Signal)> = events
+        .into_iter()
+        .filter_map(|e| tracker::signal_of(layout, e.key, e.value))
+        .collect();
+    signals.sort_by_key(|(_, s)| s.order());
+    signals
+}
+
+// ---- cache mode ---------------------------------------------------------------------------
+
+/// The prefixes read from the local store in cache mode (all readable by `local-<cluster>`).
+pub fn cache_prefixes() -> Vec<String> {
+    vec![
+        CACHE_ROOT.to_owned(),
+        CLUSTER_CONFIG_ROOT.to_owned(),
+        SYNCED_ROOT.to_owned(),
+    ]
+}
+
+struct CacheReader {
+    local: ClusterConfig,
+    trackers: BTreeMap<ClusterName, PeerTracker>,
+    configured: BTreeSet<ClusterName>,
+    listing: bool,
+}
+
+impl CacheReader {
+    fn route(&mut self, peer: Option<ClusterName>, signal: Signal, out: &mut Vec<PeerUpdate>) {
+        let Some(peer) = peer else {
+            return;
+        };
+        if peer == self.local.name {
+            return;
+        }
+        if let Signal::Config(value) = &signal {
+            let configured = value.is_some();
+            let changed = if configured {
+                self.configured.insert(peer.clone())
+            } else {
+                self.configured.remove(&peer)
+            };
+            if changed {
+                out.push(PeerUpdate::Configured {
+                    peer: peer.clone(),
+                    configured,
+                });
+            }
+        }
+        let local = self.local.clone();
+        let listing = self.listing;
+        let tracker = self.trackers.entry(peer.clone()).or_insert_with(|| {
+            let mut t = PeerTracker::new(peer, Layout::Cache, local);
+            if listing {
+                t.begin_listing(&mut Vec::new());
+            }
+            t
+        });
+        tracker.handle(signal, out);
+    }
+}
+
+async fn run_cache(
+    config: ClientConfig,
+    local: ClusterConfig,
+    timing: WatchTiming,
+    tx: mpsc::Sender<Vec<PeerUpdate>>,
+    cancel: CancellationToken,
+) {
+    let client = match StoreClient::connect_lazy(&config).await {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "cannot set up the local store client; no peer will be read");
+            return;
+        }
+    };
+    let mut reader = CacheReader {
+        local,
+        trackers: BTreeMap::new(),
+        configured: BTreeSet::new(),
+        listing: false,
+    };
+    let mut resume = None;
+    let mut identity = StoreIdentity::default();
+    let mut backoff = Backoff::new(&timing);
+    let mut connected = false;
+    loop {
+        let session = cache_session(
+            &client,
+            &mut reader,
+            &mut resume,
+            &mut identity,
+            &timing,
+            &tx,
+            &mut connected,
+            &mut backoff,
+        );
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            result = session => result,
+        };
+        match result {
+            Err(RemoteError::Closed) => return,
+            Err(RemoteError::Compacted) => {
+                tracing::info!("local store revision compacted or store replaced; listing again");
+                resume = None;
+            }
+            Err(error) => tracing::warn!(%error, "reading the local store failed; reconnecting"),
+            Ok(()) => {}
+        }
+        if connected {
+            connected = false;
+            let mut out = vec![PeerUpdate::SourceLink { connected: false }];
+            if flush(&tx, &mut out).await.is_err() {
+                return;
+            }
+        }
+        if !pause(backoff.next(), &cancel).await {
+            return;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn cache_session(
+    client: &StoreClient,
+    reader: &mut CacheReader,
+    resume: &mut Option<i64>,
+    identity: &mut StoreIdentity,
+    timing: &WatchTiming,
+    tx: &mpsc::Sender<Vec<PeerUpdate>>,
+    connected: &mut bool,
+    backoff: &mut Backoff,
+) -> Result<(), RemoteError> {
+    if !identity.same_store(client, *resume).await? {
+        *resume = None;
+    }
+    let prefixes = cache_prefixes();
+    let mut out = Vec::new();
+    let from = match *resume {
+        Some(from) => from,
+        None => {
+            let (revision, entries) = list_at(client, &prefixes, timing.list_page_size).await?;
+            tracing::info!(
+                revision,
+                keys = entries.len(),
+                "listed the local store's cache"
+            );
+            reader.listing = true;
+            for tracker in reader.trackers.values_mut() {
+                tracker.begin_listing(&mut out);
+            }
+            let listed: BTreeSet<ClusterName> = entries
+                .iter()
+                .filter_map(|e| match tracker::classify(Layout::Cache, &e.key) {
+                    Some(KeyClass::Config(peer)) => Some(peer),
+                    _ => None,
+                })
+                .collect();
+            for (peer, signal) in order_batch(Layout::Cache, entries) {
+                reader.route(peer, signal, &mut out);
+            }
+            // Peers whose config is gone since the last listing.
+            for gone in reader.configured.clone().difference(&listed) {
+                reader.route(Some(gone.clone()), Signal::Config(None), &mut out);
+            }
+            reader.listing = false;
+            for tracker in reader.trackers.values_mut() {
+                tracker.end_listing(&mut out);
+            }
+            flush(tx, &mut out).await?;
+            revision + 1
+        }
+    };
+    let mut watch = MergedWatch::open(
+        client,
+        &prefixes,
+        from,
+        timing.progress_interval,
+        early_cache,
+    )
+    .await?;
+    *resume = Some(from);
+    *connected = true;
+    backoff.reset();
+    out.push(PeerUpdate::SourceLink { connected: true });
+    flush(tx, &mut out).await?;
+    loop {
+        let next = watch.next().await;
+        *resume = Some(watch.resume_point());
+        let (_, events) = next?;
+        for (peer, signal) in order_batch(Layout::Cache, events) {
+            reader.route(peer, signal, &mut out);
+        }
+        // Take what is already buffered too, so bursts go out in few messages.
+        while out.len() < 4096 {
+            let Some(more) = watch.next().now_or_never() else {
+                break;
+            };
+            *resume = Some(watch.resume_point());
+            let (_, events) = more?;
+            for (peer, signal) in order_batch(Layout::Cache, events) {
+                reader.route(peer, signal, &mut out);
+            }
+        }
+        flush(tx, &mut out).await?;
+    }
+}
+
+// ---- direct mode --------------------------------------------------------------------------
+
+/// The prefixes read from a peer's store in direct mode (all readable by `remote-<cluster>`).
+pub fn direct_prefixes(peer: &ClusterName) -> Vec<String> {
+    vec![STATE_ROOT.to_owned(), format!("{SYNCED_ROOT}{peer}/")]
+}
+
+struct RunningPeer {
+    file: Vec<u8>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The peer files of `dir`: valid cluster names (not the local one), not hidden, files only.
+fn peer_files(dir: &Path, local: &ClusterName) -> std::io::Result<BTreeMap<ClusterName, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str() else {
+            continue;
+        };
+        if name.starts_with('.') || !entry.path().is_file() {
+            continue;
+        }
+        let Ok(peer) = ClusterName::new(name) else {
+            tracing::debug!(file = name, "not a cluster name; ignored");
+            continue;
+        };
+        if &peer == local {
+            continue;
+        }
+        match std::fs::read(entry.path()) {
+            Ok(bytes) => {
+                out.insert(peer, bytes);
+            }
+            Err(error) => tracing::warn!(file = name, %error, "cannot read peer file"),
+        }
+    }
+    Ok(out)
+}
+
+async fn run_direct(
+    dir: PathBuf,
+    local: ClusterConfig,
+    timing: WatchTiming,
+    tx: mpsc::Sender<Vec<PeerUpdate>>,
+    cancel: CancellationToken,
+) {
+    let mut running: BTreeMap<ClusterName, RunningPeer> = BTreeMap::new();
+    let mut tick = tokio::time::interval(timing.peers_poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dir_error = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let files = match peer_files(&dir, &local.name) {
+            Ok(files) => {
+                dir_error = false;
+                files
+            }
+            Err(error) => {
+                if !dir_error {
+                    tracing::warn!(dir = %dir.display(), %error, "cannot read the peers directory; keeping the peers as they are");
+                }
+                dir_error = true;
+                continue;
+            }
+        };
+        let mut out = Vec::new();
+        let gone: Vec<ClusterName> = running
+            .keys()
+            .filter(|p| !files.contains_key(*p))
+            .cloned()
+            .collect();
+        for peer in gone {
+            if let Some(old) = running.remove(&peer) {
+                old.cancel.cancel();
+                tracing::info!(%peer, "peer file removed");
+                out.push(PeerUpdate::Configured {
+                    peer: peer.clone(),
+                    configured: false,
+                });
+                out.push(PeerUpdate::Link {
+                    peer,
+                    connected: false,
+                    error: Some("the peer file was removed".into()),
+                });
+            }
+        }
+        for (peer, bytes) in files {
+            if running.get(&peer).is_some_and(|r| r.file == bytes) {
+                continue;
+            }
+            let fresh = match running.remove(&peer) {
+                Some(old) => {
+                    old.cancel.cancel();
+                    tracing::info!(%peer, "peer file changed; reconnecting");
+                    false
+                }
+                None => true,
+            };
+            if fresh {
+                out.push(PeerUpdate::Configured {
+                    peer: peer.clone(),
+                    configured: true,
+                });
+            }
+            let path = dir.join(peer.as_str());
+            let child = cancel.child_token();
+            let task = match kvstoremesh::parse_peer_file(
+                &peer,
+                &path,
+                &bytes,
+                &dir,
+                timing.request_timeout,
+            ) {
+                Ok(config) => {
+                    for key in &config.unknown_keys {
+                        tracing::warn!(%peer, key, "unknown key in peer file; ignored");
+                    }
+                    let span = tracing::info_span!("peer", peer = %peer);
+                    Some(tokio::spawn(
+                        run_direct_peer(
+                            config.client,
+                            peer.clone(),
+                            local.clone(),
+                            timing.clone(),
+                            tx.clone(),
+                            child.clone(),
+                        )
+                        .instrument(span),
+                    ))
+                }
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "peer file unusable");
+                    out.push(PeerUpdate::Link {
+                        peer: peer.clone(),
+                        connected: false,
+                        error: Some(error.to_string()),
+                    });
+                    None
+                }
+            };
+            running.insert(
+                peer,
+                RunningPeer {
+                    file: bytes,
+                    cancel: child,
+                    task,
+                },
+            );
+        }
+        if flush(&tx, &mut out).await.is_err() {
+            break;
+        }
+    }
+    for (_, peer) in running {
+        peer.cancel.cancel();
+        if let Some(task) = peer.task {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn run_direct_peer(
+    config: ClientConfig,
+    peer: ClusterName,
+    local: ClusterConfig,
+    timing: WatchTiming,
+    tx: mpsc::Sender<Vec<PeerUpdate>>,
+    cancel: CancellationToken,
+) {
+    let client = match StoreClient::connect_lazy(&config).await {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(%error, "cannot set up the peer's store client");
+            let mut out = vec![PeerUpdate::Link {
+                peer,
+                connected: false,
+                error: Some(error.to_string()),
+            }];
+            let _ = flush(&tx, &mut out).await;
+            return;
+        }
+    };
+    let mut session = DirectSession {
+        peer: peer.clone(),
+        tracker: PeerTracker::new(peer.clone(), Layout::Direct, local),
+        resume: None,
+        identity: StoreIdentity::default(),
+        heartbeat: None,
+        config: None,
+        connected: false,
+    };
+    let mut backoff = Backoff::new(&timing);
+    loop {
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            result = session.run(&client, &timing, &tx, &mut backoff) => result,
+        };
+        let error = match result {
+            Err(RemoteError::Closed) => return,
+            Err(RemoteError::Compacted) => {
+                tracing::info!("peer store compacted or replaced; listing again");
+                session.resume = None;
+                "listing again".to_owned()
+            }
+            Err(error) => error.to_string(),
+            Ok(()) => String::new(),
+        };
+        if session.connected {
+            session.connected = false;
+            tracing::warn!(%error, "lost the peer's store");
+            let mut out = vec![PeerUpdate::Link {
+                peer: peer.clone(),
+                connected: false,
+                error: Some(error),
+            }];
+            if flush(&tx, &mut out).await.is_err() {
+                return;
+            }
+        } else {
+            tracing::debug!(%error, "peer not reachable or not ready");
+        }
+        if !pause(backoff.next(), &cancel).await {
+            return;
+        }
+    }
+}
+
+struct DirectSession {
+    peer: ClusterName,
+    tracker: PeerTracker,
+    resume: Option<i64>,
+    identity: StoreIdentity,
+    heartbeat: Option<Vec<u8>>,
+    config: Option<Vec<u8>>,
+    connected: bool,
+}
+
+impl DirectSession {
+    /// Reads the peer's heartbeat and config; signals what changed.
+    async fn probe(
+        &mut self,
+        client: &StoreClient,
+        out: &mut Vec<PeerUpdate>,
+    ) -> Result<(), RemoteError> {
+        let raw = client.raw();
+        let config = raw
+            .get(&cluster_config_key(&self.peer))
+            .await?
+            .map(|e| e.value);
+        if config != self.config {
+            self.config = config.clone();
+            if config.is_some() {
+                self.tracker.handle(Signal::Config(config), out);
+            }
+        }
+        let heartbeat = raw.get(HEARTBEAT_KEY).await?.map(|e| e.value);
+        if heartbeat.is_some() && heartbeat != self.heartbeat {
+            self.tracker.handle(Signal::Heartbeat, out);
+        }
+        self.heartbeat = heartbeat;
+        Ok(())
+    }
+
+    fn route(&mut self, signals: Vec<(Option<ClusterName>, Signal)>, out: &mut Vec<PeerUpdate>) {
+        for (peer, signal) in signals {
+            if peer.as_ref().is_none_or(|p| *p == self.peer) {
+                self.tracker.handle(signal, out);
+            }
+        }
+    }
+
+    async fn run(
+        &mut self,
+        client: &StoreClient,
+        timing: &WatchTiming,
+        tx: &mpsc::Sender<Vec<PeerUpdate>>,
+        backoff: &mut Backoff,
+    ) -> Result<(), RemoteError> {
+        if !self.identity.same_store(client, self.resume).await? {
+            tracing::info!("the peer's store was replaced; listing again");
+            self.resume = None;
+        }
+        let mut out = Vec::new();
+        self.probe(client, &mut out).await?;
+        flush(tx, &mut out).await?;
+        // A peer without a usable config counts as not connected: it cannot be used.
+        if matches!(self.tracker.phase(), Phase::Waiting | Phase::Refused) {
+            return Err(RemoteError::NotReady(format!(
+                "peer {} has no usable cluster config",
+                self.peer
+            )));
+        }
+        if !self.connected {
+            self.connected = true;
+            out.push(PeerUpdate::Link {
+                peer: self.peer.clone(),
+                connected: true,
+                error: None,
+            });
+        }
+        let prefixes = direct_prefixes(&self.peer);
+        let from = match self.resume {
+            Some(from) => from,
+            None => {
+                let (revision, entries) = list_at(client, &prefixes, timing.list_page_size).await?;
+                tracing::info!(revision, keys = entries.len(), "listed the peer's store");
+                self.tracker.begin_listing(&mut out);
+                let signals = order_batch(Layout::Direct, entries);
+                self.route(signals, &mut out);
+                self.tracker.end_listing(&mut out);
+                flush(tx, &mut out).await?;
+                revision + 1
+            }
+        };
+        let mut watch = MergedWatch::open(
+            client,
+            &prefixes,
+            from,
+            timing.progress_interval,
+            early_direct,
+        )
+        .await?;
+        self.resume = Some(from);
+        backoff.reset();
+        let mut probe = tokio::time::interval(timing.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                next = watch.next() => {
+                    self.resume = Some(watch.resume_point());
+                    let (_, events) = next?;
+                    let signals = order_batch(Layout::Direct, events);
+                    self.route(signals, &mut out);
+                    while out.len() < 4096 {
+                        let Some(more) = watch.next().now_or_never() else { break };
+                        self.resume = Some(watch.resume_point());
+                        let (_, events) = more?;
+                        let signals = order_batch(Layout::Direct, events);
+                        self.route(signals, &mut out);
+                    }
+                }
+                _ = probe.tick() => self.probe(client, &mut out).await?,
+            }
+            flush(tx, &mut out).await?;
+        }
+    }
+}

@@ -1,0 +1,881 @@
+//! One peer's state machine, fed with what a watcher read (from the peer's own store or from
+//! kvstoremesh's cache of it), and the one gate between a peer's store and the agent's state.
+//!
+//! ```text
+//!   Waiting ──config accepted──▶ Listing ──full listing + every canary──▶ Synced
+//!      ▲                            ▲                                       │
+//!      │                            └──canary deleted / relist──────────────┘
+//!   Refused ◀──config refused (from any phase)
+//! ```
+//!
+//! Entries are validated with [`model::validate_entry`] against the peer's accepted config
+//! and collected in a staging part. Nothing of a peer is used before it is synced: the first
+//! [`PeerUpdate::Replace`] carries its full state. While synced, each change goes out as a
+//! [`PeerUpdate::Change`]. A relist (or a deleted canary) takes the peer back to Listing: the
+//! agent keeps using the last published part, unchanged, and replaces it with the new staging
+//! part only once the resync is complete. So stale entries are garbage-collected only after a
+//! full resync, never on a disconnect.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use model::keys::cluster_config_key;
+use model::{
+    ClusterConfig, ClusterName, Kind, validate_cluster_config, validate_entry, validate_key,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{EntryChange, PeerPart};
+
+/// The kinds the agent reads from every peer (and waits for the canaries of).
+pub const USED_KINDS: [Kind; 4] = [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip];
+
+/// Where a peer's state is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// The peer's own store: `cilium/state/...`, canaries `cilium/synced/<peer>/cilium/state/...`.
+    Direct,
+    /// kvstoremesh's cache in the local store: `cilium/cache/<kind>/v1/<peer>/...`, canaries
+    /// `cilium/synced/<peer>/cilium/cache/...`, its status of the peer and the mirrored
+    /// heartbeat.
+    Cache,
+}
+
+/// A peer's phase, as the API shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// No accepted cluster config yet.
+    #[default]
+    Waiting,
+    /// Config accepted; waiting for the full listing and every sync canary.
+    Listing,
+    /// The agent uses the peer's state and follows its changes.
+    Synced,
+    /// The peer's config was refused: nothing of it is used.
+    Refused,
+}
+
+/// What a watcher saw about one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// The peer's cluster config was written (`Some`) or deleted (`None`).
+    Config(Option<Vec<u8>>),
+    /// A sync canary of `kind` appeared or disappeared.
+    Canary {
+        /// The kind.
+        kind: Kind,
+        /// Whether the canary exists now.
+        present: bool,
+    },
+    /// An entry of `kind` under `key` was written (`Some`) or deleted (`None`).
+    Entry {
+        /// The kind, from the prefix.
+        kind: Kind,
+        /// The store key.
+        key: String,
+        /// The value.
+        value: Option<Vec<u8>>,
+    },
+    /// The peer's heartbeat changed.
+    Heartbeat,
+    /// kvstoremesh's status of the peer was written (`Some`) or deleted (`None`).
+    MeshStatus(Option<Vec<u8>>),
+}
+
+impl Signal {
+    /// Signals about the peer's completeness are applied before the entries of the same
+    /// revision: a canary deleted together with the entries (a lease that expired) freezes the
+    /// peer before the deletions could reach the agent's state.
+    pub fn order(&self) -> u8 {
+        match self {
+            Signal::Config(_) | Signal::Canary { .. } | Signal::MeshStatus(_) => 0,
+            Signal::Entry { .. } | Signal::Heartbeat => 1,
+        }
+    }
+}
+
+/// What a watcher tells the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerUpdate {
+    /// The peer is (or no longer is) configured: a peer file exists, or kvstoremesh caches it.
+    Configured {
+        /// The peer.
+        peer: ClusterName,
+        /// Whether it is configured.
+        configured: bool,
+    },
+    /// The peer's cluster config was accepted, or refused with the reason.
+    Config {
+        /// The peer.
+        peer: ClusterName,
+        /// The accepted config, or why it is refused.
+        config: Result<ClusterConfig, String>,
+    },
+    /// The peer's phase changed.
+    Phase {
+        /// The peer.
+        peer: ClusterName,
+        /// The new phase.
+        phase: Phase,
+    },
+    /// The peer's full state after a complete (re)sync: replaces its part.
+    Replace {
+        /// The peer.
+        peer: ClusterName,
+        /// Its full state.
+        part: PeerPart,
+    },
+    /// One change while synced.
+    Change {
+        /// The peer.
+        peer: ClusterName,
+        /// The change.
+        change: EntryChange,
+    },
+    /// The connection to the peer (direct) or kvstoremesh's connection to it (cache) went up
+    /// or down.
+    Link {
+        /// The peer.
+        peer: ClusterName,
+        /// Whether it is up.
+        connected: bool,
+        /// Why it went down.
+        error: Option<String>,
+    },
+    /// The peer's heartbeat changed.
+    Heartbeat {
+        /// The peer.
+        peer: ClusterName,
+    },
+    /// An entry of the peer was refused.
+    Invalid {
+        /// The peer.
+        peer: ClusterName,
+        /// Why (names the key).
+        error: String,
+    },
+    /// Whether the agent can see its peers at all (cache mode: the local store connection).
+    SourceLink {
+        /// Whether it can.
+        connected: bool,
+    },
+}
+
+/// The part of kvstoremesh's status of a peer the agent reads.
+#[derive(Deserialize)]
+struct MeshStatus {
+    #[serde(default)]
+    connected: bool,
+    #[serde(default)]
+    last_error: Option<String>,
+}
+
+/// One peer's state machine; see the [module docs](self).
+#[derive(Debug)]
+pub struct PeerTracker {
+    peer: ClusterName,
+    layout: Layout,
+    local: ClusterConfig,
+    config: Option<ClusterConfig>,
+    refused: bool,
+    canaries: BTreeSet<Kind>,
+    staging: PeerPart,
+    /// Entries read while no config was accepted: key → (kind, value).
+    unvalidated: BTreeMap<String, (Kind, Vec<u8>)>,
+    listing: bool,
+    synced: bool,
+    mesh_status_seen: bool,
+}
+
+impl PeerTracker {
+    /// A tracker for `peer`, read with `layout`, checked against the local cluster's config.
+    pub fn new(peer: ClusterName, layout: Layout, local: ClusterConfig) -> Self {
+        PeerTracker {
+            peer,
+            layout,
+            local,
+            config: None,
+            refused: false,
+            canaries: BTreeSet::new(),
+            staging: PeerPart::default(),
+            unvalidated: BTreeMap::new(),
+            listing: false,
+            synced: false,
+            mesh_status_seen: false,
+        }
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> &ClusterName {
+        &self.peer
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        if self.refused {
+            Phase::Refused
+        } else if self.config.is_none() {
+            Phase::Waiting
+        } else if self.synced {
+            Phase::Synced
+        } else {
+            Phase::Listing
+        }
+    }
+
+    /// The accepted config.
+    pub fn config(&self) -> Option<&ClusterConfig> {
+        self.config.as_ref()
+    }
+
+    /// The entries collected so far (complete once synced).
+    pub fn staging(&self) -> &PeerPart {
+        &self.staging
+    }
+
+    fn phase_changed(&self, before: Phase, out: &mut Vec<PeerUpdate>) {
+        let phase = self.phase();
+        if phase != before {
+            out.push(PeerUpdate::Phase {
+                peer: self.peer.clone(),
+                phase,
+            });
+        }
+    }
+
+    /// A full listing of everything the peer holds follows; every entry and canary is
+    /// signalled again. Until [`end_listing`](Self::end_listing), nothing is published.
+    pub fn begin_listing(&mut self, out: &mut Vec<PeerUpdate>) {
+        let before = self.phase();
+        self.listing = true;
+        self.synced = false;
+        self.canaries.clear();
+        self.staging = PeerPart::default();
+        self.unvalidated.clear();
+        self.phase_changed(before, out);
+    }
+
+    /// The listing is complete; publishes the peer if every canary is there.
+    pub fn end_listing(&mut self, out: &mut Vec<PeerUpdate>) {
+        self.listing = false;
+        self.try_publish(out);
+    }
+
+    fn required_canaries(&self) -> bool {
+        match (self.layout, &self.config) {
+            (Layout::Direct, Some(config)) if !config.capabilities.sync_canaries => true,
+            _ => USED_KINDS.iter().all(|k| self.canaries.contains(k)),
+        }
+    }
+
+    fn try_publish(&mut self, out: &mut Vec<PeerUpdate>) {
+        if self.synced || self.listing || self.refused || self.config.is_none() {
+            return;
+        }
+        if !self.required_canaries() {
+            return;
+        }
+        let before = self.phase();
+        self.synced = true;
+        out.push(PeerUpdate::Replace {
+            peer: self.peer.clone(),
+            part: self.staging.clone(),
+        });
+        self.phase_changed(before, out);
+    }
+
+    /// Applies one signal.
+    pub fn handle(&mut self, signal: Signal, out: &mut Vec<PeerUpdate>) {
+        match signal {
+            Signal::Config(Some(value)) => self.config_written(&value, out),
+            Signal::Config(None) => {
+                // kvstoremesh deletes it when it stops caching the peer; entries stay valid
+                // against the last config, and what happens to them is for their own
+                // deletions and the canaries to say.
+                tracing::debug!(peer = %self.peer, "the peer's cluster config was deleted");
+            }
+            Signal::Canary { kind, present } => {
+                if present {
+                    self.canaries.insert(kind);
+                    self.try_publish(out);
+                } else if self.canaries.remove(&kind) && self.synced {
+                    let before = self.phase();
+                    self.synced = false;
+                    tracing::info!(peer = %self.peer, %kind, "sync canary deleted; keeping the last state until the peer resyncs");
+                    self.phase_changed(before, out);
+                }
+            }
+            Signal::Entry { kind, key, value } => self.entry(kind, key, value, out),
+            Signal::Heartbeat => out.push(PeerUpdate::Heartbeat {
+                peer: self.peer.clone(),
+            }),
+            Signal::MeshStatus(value) => {
+                self.mesh_status_seen = true;
+                let status = value.and_then(|v| serde_json::from_slice::<MeshStatus>(&v).ok());
+                let (connected, error) = match status {
+                    Some(s) => (s.connected, s.last_error),
+                    None => (
+                        false,
+                        Some("kvstoremesh has no status for the peer".to_owned()),
+                    ),
+                };
+                out.push(PeerUpdate::Link {
+                    peer: self.peer.clone(),
+                    connected,
+                    error: if connected { None } else { error },
+                });
+            }
+        }
+    }
+
+    fn config_written(&mut self, value: &[u8], out: &mut Vec<PeerUpdate>) {
+        let before = self.phase();
+        let key = cluster_config_key(&self.peer);
+        let checked = validate_cluster_config(&key, value, &self.peer)
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                self.local
+                    .check_peer(&config)
+                    .map(|()| config)
+                    .map_err(|e| e.to_string())
+            });
+        match checked {
+            Ok(config) => {
+                if self.config.as_ref() == Some(&config) && !self.refused {
+                    return;
+                }
+                let was_synced = self.synced;
+                self.config = Some(config.clone());
+                self.refused = false;
+                self.revalidate(out);
+                out.push(PeerUpdate::Config {
+                    peer: self.peer.clone(),
+                    config: Ok(config),
+                });
+                if self.layout == Layout::Cache && !self.mesh_status_seen {
+                    // No kvstoremesh status (yet): judge the peer by its heartbeat alone.
+                    out.push(PeerUpdate::Link {
+                        peer: self.peer.clone(),
+                        connected: true,
+                        error: None,
+                    });
+                }
+                if was_synced {
+                    out.push(PeerUpdate::Replace {
+                        peer: self.peer.clone(),
+                        part: self.staging.clone(),
+                    });
+                } else {
+                    self.try_publish(out);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(peer = %self.peer, %error, "peer refused; nothing of it is used");
+                // Keep the entries (unvalidated) in case the config is fixed.
+                let staged = std::mem::take(&mut self.staging);
+                for entry in staged.entries() {
+                    let kind = entry.kind();
+                    self.unvalidated
+                        .insert(entry.key().to_string(), (kind, entry.encode()));
+                }
+                self.refused = true;
+                self.synced = false;
+                out.push(PeerUpdate::Config {
+                    peer: self.peer.clone(),
+                    config: Err(error),
+                });
+            }
+        }
+        self.phase_changed(before, out);
+    }
+
+    /// Checks every held entry against the (new) config.
+    fn revalidate(&mut self, out: &mut Vec<PeerUpdate>) {
+        let staged = std::mem::take(&mut self.staging);
+        let mut pending = std::mem::take(&mut self.unvalidated);
+        for entry in staged.entries() {
+            let kind = entry.kind();
+            pending.insert(entry.key().to_string(), (kind, entry.encode()));
+        }
+        for (key, (kind, value)) in pending {
+            self.accept(kind, &key, &value, out);
+        }
+    }
+
+    /// Validates and stages one written entry; a refused one counts as a deletion of what was
+    /// known for the key.
+    fn accept(
+        &mut self,
+        kind: Kind,
+        key: &str,
+        value: &[u8],
+        out: &mut Vec<PeerUpdate>,
+    ) -> Option<EntryChange> {
+        let config = self.config.as_ref()?;
+        match validate_entry(kind, key, value, config) {
+            Ok(entry) => {
+                self.staging.upsert(entry.clone());
+                Some(EntryChange::Upsert(entry))
+            }
+            Err(error) => {
+                out.push(PeerUpdate::Invalid {
+                    peer: self.peer.clone(),
+                    error: error.to_string(),
+                });
+                let state = validate_key(kind, key, config).ok()?;
+                self.staging
+                    .remove(&state)
+                    .then_some(EntryChange::Delete(state))
+            }
+        }
+    }
+
+    fn entry(
+        &mut self,
+        kind: Kind,
+        key: String,
+        value: Option<Vec<u8>>,
+        out: &mut Vec<PeerUpdate>,
+    ) {
+        if !USED_KINDS.contains(&kind) {
+            return;
+        }
+        let change = match (value, self.config.is_some() && !self.refused) {
+            (Some(value), false) => {
+                self.unvalidated.insert(key, (kind, value));
+                None
+            }
+            (None, false) => {
+                self.unvalidated.remove(&key);
+                None
+            }
+            (Some(value), true) => self.accept(kind, &key, &value, out),
+            (None, true) => {
+                let state = self
+                    .config
+                    .as_ref()
+                    .and_then(|config| validate_key(kind, &key, config).ok());
+                state.and_then(|state| {
+                    self.staging
+                        .remove(&state)
+                        .then_some(EntryChange::Delete(state))
+                })
+            }
+        };
+        if let Some(change) = change
+            && self.synced
+            && !self.listing
+        {
+            out.push(PeerUpdate::Change {
+                peer: self.peer.clone(),
+                change,
+            });
+        }
+    }
+}
+
+/// What a key in a store being read is, for one of the layouts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyClass {
+    /// `cilium/cluster-config/<peer>`.
+    Config(ClusterName),
+    /// A sync canary of `peer`.
+    Canary(ClusterName, Kind),
+    /// An entry of `kind` (the peer is in the key for cache keys; direct keys are read from
+    /// one peer's store).
+    Entry(Option<ClusterName>, Kind),
+    /// The heartbeat (of the store's cluster for direct reads, of `peer` in the cache).
+    Heartbeat(Option<ClusterName>),
+    /// kvstoremesh's status of `peer`.
+    MeshStatus(ClusterName),
+}
+
+fn cluster(segment: &str) -> Option<ClusterName> {
+    ClusterName::new(segment).ok()
+}
+
+/// Classifies a key read with `layout`; `None` for keys the agent does not use.
+pub fn classify(layout: Layout, key: &str) -> Option<KeyClass> {
+    use model::keys::{CACHE_ROOT, CLUSTER_CONFIG_ROOT, HEARTBEAT_KEY, STATE_ROOT, SYNCED_ROOT};
+    if let Some(name) = key.strip_prefix(CLUSTER_CONFIG_ROOT) {
+        return cluster(name).map(KeyClass::Config);
+    }
+    if let Some(rest) = key.strip_prefix(SYNCED_ROOT) {
+        let (peer, rest) = rest.split_once('/')?;
+        let peer = cluster(peer)?;
+        if layout == Layout::Cache && rest == "kvstoremesh/status" {
+            return Some(KeyClass::MeshStatus(peer));
+        }
+        let root = match layout {
+            Layout::Direct => STATE_ROOT,
+            Layout::Cache => CACHE_ROOT,
+        };
+        let kind = rest.strip_prefix(root)?.strip_suffix("/v1")?;
+        return Kind::from_name(kind).map(|k| KeyClass::Canary(peer, k));
+    }
+    match layout {
+        Layout::Direct => {
+            if key == HEARTBEAT_KEY {
+                return Some(KeyClass::Heartbeat(None));
+            }
+            let rest = key.strip_prefix(STATE_ROOT)?;
+            let (kind, _) = rest.split_once('/')?;
+            Kind::from_name(kind).map(|k| KeyClass::Entry(None, k))
+        }
+        Layout::Cache => {
+            let rest = key.strip_prefix(CACHE_ROOT)?;
+            if let Some(peer) = rest.strip_prefix("heartbeat/") {
+                return cluster(peer).map(|p| KeyClass::Heartbeat(Some(p)));
+            }
+            let (kind, rest) = rest.split_once('/')?;
+            let kind = Kind::from_name(kind)?;
+            let rest = rest.strip_prefix("v1/")?;
+            let (peer, _) = rest.split_once('/')?;
+            cluster(peer).map(|p| KeyClass::Entry(Some(p), kind))
+        }
+    }
+}
+
+/// The signal a key's change gives, with the peer it concerns (`None`: the store's own
+/// cluster, for direct reads).
+pub fn signal_of(
+    layout: Layout,
+    key: String,
+    value: Option<Vec<u8>>,
+) -> Option<(Option<ClusterName>, Signal)> {
+    Some(match classify(layout, &key)? {
+        KeyClass::Config(peer) => (Some(peer), Signal::Config(value)),
+        KeyClass::Canary(peer, kind) => (
+            Some(peer),
+            Signal::Canary {
+                kind,
+                present: value.is_some(),
+            },
+        ),
+        KeyClass::Entry(peer, kind) => (peer, Signal::Entry { kind, key, value }),
+        KeyClass::Heartbeat(peer) => (peer, Signal::Heartbeat),
+        KeyClass::MeshStatus(peer) => (Some(peer), Signal::MeshStatus(value)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::StoreValue;
+    use model::keys::HEARTBEAT_KEY;
+    use model::{
+        Capabilities, ClusterId, DnsSubdomain, MaxConnectedClusters, Node, SchemaVersion, StateKey,
+    };
+
+    fn name(s: &str) -> ClusterName {
+        ClusterName::new(s).unwrap()
+    }
+
+    fn config(n: &str, id: u16) -> ClusterConfig {
+        ClusterConfig::new(
+            name(n),
+            ClusterId::try_from(id).unwrap(),
+            MaxConnectedClusters::Max255,
+            Capabilities {
+                sync_canaries: true,
+                cached: false,
+                service_exports: false,
+            },
+        )
+        .unwrap()
+    }
+
+    fn node(peer: &str, id: u16, n: &str) -> Node {
+        Node {
+            schema: SchemaVersion,
+            name: DnsSubdomain::new(n).unwrap(),
+            cluster: name(peer),
+            cluster_id: ClusterId::try_from(id).unwrap(),
+            addresses: vec![],
+            pod_cidrs: vec![],
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn node_signal(layout: Layout, node: &Node, present: bool) -> Signal {
+        let key = match layout {
+            Layout::Direct => node.key().to_string(),
+            Layout::Cache => model::to_cache_key(&node.key(), &node.cluster).unwrap(),
+        };
+        Signal::Entry {
+            kind: Kind::Nodes,
+            key,
+            value: present.then(|| node.encode()),
+        }
+    }
+
+    fn canaries(tracker: &mut PeerTracker, out: &mut Vec<PeerUpdate>) {
+        for kind in USED_KINDS {
+            tracker.handle(
+                Signal::Canary {
+                    kind,
+                    present: true,
+                },
+                out,
+            );
+        }
+    }
+
+    fn replaces(out: &[PeerUpdate]) -> Vec<usize> {
+        out.iter()
+            .filter_map(|u| match u {
+                PeerUpdate::Replace { part, .. } => Some(part.len()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nothing_before_config_and_canaries() {
+        for layout in [Layout::Direct, Layout::Cache] {
+            let mut t = PeerTracker::new(name("b"), layout, config("a", 1));
+            let mut out = Vec::new();
+            t.begin_listing(&mut out);
+            t.handle(node_signal(layout, &node("b", 2, "n1"), true), &mut out);
+            t.end_listing(&mut out);
+            assert_eq!(t.phase(), Phase::Waiting);
+            t.handle(Signal::Config(Some(config("b", 2).encode())), &mut out);
+            assert_eq!(t.phase(), Phase::Listing);
+            assert!(replaces(&out).is_empty(), "no canaries yet");
+            canaries(&mut t, &mut out);
+            assert_eq!(t.phase(), Phase::Synced);
+            assert_eq!(
+                replaces(&out),
+                vec![1],
+                "the entry read before the config counts"
+            );
+            // Live changes now.
+            out.clear();
+            t.handle(node_signal(layout, &node("b", 2, "n2"), true), &mut out);
+            t.handle(node_signal(layout, &node("b", 2, "n1"), false), &mut out);
+            let changes: Vec<_> = out
+                .iter()
+                .filter(|u| matches!(u, PeerUpdate::Change { .. }))
+                .collect();
+            assert_eq!(changes.len(), 2, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn relist_freezes_until_complete_then_collects_garbage() {
+        let mut t = PeerTracker::new(name("b"), Layout::Direct, config("a", 1));
+        let mut out = Vec::new();
+        t.handle(Signal::Config(Some(config("b", 2).encode())), &mut out);
+        t.begin_listing(&mut out);
+        for n in ["n1", "n2"] {
+            t.handle(
+                node_signal(Layout::Direct, &node("b", 2, n), true),
+                &mut out,
+            );
+        }
+        canaries(&mut t, &mut out);
+        t.end_listing(&mut out);
+        assert_eq!(replaces(&out), vec![2]);
+        out.clear();
+        // Relist: n2 is gone, the canaries come late.
+        t.begin_listing(&mut out);
+        t.handle(
+            node_signal(Layout::Direct, &node("b", 2, "n1"), true),
+            &mut out,
+        );
+        t.end_listing(&mut out);
+        assert!(
+            replaces(&out).is_empty()
+                && !out.iter().any(|u| matches!(u, PeerUpdate::Change { .. })),
+            "nothing changes before the resync is complete: {out:?}"
+        );
+        canaries(&mut t, &mut out);
+        assert_eq!(
+            replaces(&out),
+            vec![1],
+            "the resync replaces the part, dropping n2"
+        );
+    }
+
+    #[test]
+    fn canary_deleted_with_entries_freezes_the_peer() {
+        let mut t = PeerTracker::new(name("b"), Layout::Cache, config("a", 1));
+        let mut out = Vec::new();
+        t.handle(Signal::Config(Some(config("b", 2).encode())), &mut out);
+        t.handle(
+            node_signal(Layout::Cache, &node("b", 2, "n1"), true),
+            &mut out,
+        );
+        canaries(&mut t, &mut out);
+        out.clear();
+        // One revision: the canary and the entry deleted (a lease expired); canaries first.
+        let mut batch = vec![
+            node_signal(Layout::Cache, &node("b", 2, "n1"), false),
+            Signal::Canary {
+                kind: Kind::Nodes,
+                present: false,
+            },
+        ];
+        batch.sort_by_key(Signal::order);
+        for s in batch {
+            t.handle(s, &mut out);
+        }
+        assert!(
+            !out.iter().any(|u| matches!(u, PeerUpdate::Change { .. })),
+            "{out:?}"
+        );
+        assert_eq!(t.phase(), Phase::Listing);
+    }
+
+    #[test]
+    fn invalid_and_refused() {
+        let mut t = PeerTracker::new(name("b"), Layout::Direct, config("a", 1));
+        let mut out = Vec::new();
+        t.handle(Signal::Config(Some(config("b", 2).encode())), &mut out);
+        canaries(&mut t, &mut out);
+        out.clear();
+        // Another cluster's node under b's key: refused.
+        let foreign = node("c", 3, "n1");
+        t.handle(
+            Signal::Entry {
+                kind: Kind::Nodes,
+                key: StateKey::Node {
+                    cluster: name("b"),
+                    name: DnsSubdomain::new("n1").unwrap(),
+                }
+                .to_string(),
+                value: Some(foreign.encode()),
+            },
+            &mut out,
+        );
+        assert!(matches!(out[0], PeerUpdate::Invalid { .. }), "{out:?}");
+        // A config with the local cluster's id: refused, nothing used.
+        out.clear();
+        t.handle(Signal::Config(Some(config("b", 1).encode())), &mut out);
+        assert_eq!(t.phase(), Phase::Refused);
+        assert!(
+            matches!(&out[0], PeerUpdate::Config { config: Err(e), .. } if e.contains("id")),
+            "{out:?}"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever identity a peer publishes (as an identity or an IP's identity), the agent
+        /// uses it exactly when it lies in the peer's identity range; anything else is refused
+        /// and counted.
+        #[test]
+        fn identity_range_gate(
+            peer_id in 2u16..=255,
+            max511 in proptest::bool::ANY,
+            value in 0u32..(1 << 24),
+            near in proptest::bool::ANY,
+            local_part in 0u32..(1 << 16),
+        ) {
+            use model::{IdentityRange, IpIdentity, IpPrefix, Label, NumericIdentity};
+            let max = if max511 { MaxConnectedClusters::Max511 } else { MaxConnectedClusters::Max255 };
+            let cfg = |n: &str, id: u16| ClusterConfig::new(
+                name(n),
+                ClusterId::new(id, max).unwrap(),
+                max,
+                Capabilities { sync_canaries: true, cached: false, service_exports: false },
+            ).unwrap();
+            let range = IdentityRange::for_cluster(ClusterId::new(peer_id, max).unwrap(), max).unwrap();
+            // Half the cases near the range, where the edges are.
+            let value = if near {
+                (u32::from(peer_id) << max.local_identity_bits()) | (local_part & ((1 << max.local_identity_bits()) - 1))
+            } else {
+                value
+            };
+            let id = NumericIdentity::new(value).unwrap();
+            let mut t = PeerTracker::new(name("b"), Layout::Cache, cfg("a", 1));
+            let mut out = Vec::new();
+            t.handle(Signal::Config(Some(cfg("b", peer_id).encode())), &mut out);
+            canaries(&mut t, &mut out);
+            out.clear();
+            let identity = model::Identity::new(id, [Label::cluster(&name("b"))]);
+            let ip = IpIdentity {
+                schema: SchemaVersion,
+                ip: IpPrefix::host("10.2.0.1".parse().unwrap()),
+                identity: id,
+                host_ip: None,
+                namespace: None,
+                pod_name: None,
+                cluster: name("b"),
+            };
+            for (kind, key, value) in [
+                (Kind::Identities, model::to_cache_key(&identity.key(), &name("b")).unwrap(), identity.encode()),
+                (Kind::Ip, model::to_cache_key(&ip.key(), &name("b")).unwrap(), ip.encode()),
+            ] {
+                t.handle(Signal::Entry { kind, key, value: Some(value) }, &mut out);
+            }
+            let accepted = out.iter().filter(|u| matches!(u, PeerUpdate::Change { .. })).count();
+            let refused = out.iter().filter(|u| matches!(u, PeerUpdate::Invalid { .. })).count();
+            if range.contains(id) {
+                proptest::prop_assert_eq!((accepted, refused), (2, 0), "{:?}", out);
+                proptest::prop_assert_eq!(t.staging().ips.len(), 1);
+            } else {
+                proptest::prop_assert_eq!((accepted, refused), (0, 2), "{:?}", out);
+                proptest::prop_assert!(t.staging().is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn key_classes() {
+        use KeyClass::*;
+        let b = name("b");
+        let cases: &[(Layout, &str, Option<KeyClass>)] = &[
+            (
+                Layout::Direct,
+                "cilium/cluster-config/b",
+                Some(Config(b.clone())),
+            ),
+            (
+                Layout::Direct,
+                "cilium/synced/b/cilium/state/nodes/v1",
+                Some(Canary(b.clone(), Kind::Nodes)),
+            ),
+            (
+                Layout::Direct,
+                "cilium/synced/b/cilium/cache/nodes/v1",
+                None,
+            ),
+            (
+                Layout::Direct,
+                "cilium/state/ip/v1/default/10.0.0.1",
+                Some(Entry(None, Kind::Ip)),
+            ),
+            (Layout::Direct, HEARTBEAT_KEY, Some(Heartbeat(None))),
+            (
+                Layout::Cache,
+                "cilium/synced/b/cilium/cache/services/v1",
+                Some(Canary(b.clone(), Kind::Services)),
+            ),
+            (
+                Layout::Cache,
+                "cilium/synced/b/kvstoremesh/status",
+                Some(MeshStatus(b.clone())),
+            ),
+            (
+                Layout::Cache,
+                "cilium/cache/heartbeat/b",
+                Some(Heartbeat(Some(b.clone()))),
+            ),
+            (
+                Layout::Cache,
+                "cilium/cache/identities/v1/b/id/131328",
+                Some(Entry(Some(b.clone()), Kind::Identities)),
+            ),
+            (
+                Layout::Cache,
+                "cilium/cache/ip/v1/b/10.0.0.1",
+                Some(Entry(Some(b.clone()), Kind::Ip)),
+            ),
+            (Layout::Cache, "cilium/state/ip/v1/default/10.0.0.1", None),
+            (Layout::Cache, "cilium/cache/ip/v1/B/10.0.0.1", None),
+        ];
+        for (layout, key, expected) in cases {
+            assert_eq!(&classify(*layout, key), expected, "{layout:?} {key}");
+        }
+    }
+}
