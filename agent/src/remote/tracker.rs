@@ -820,6 +820,50 @@ mod tests {
         }
     }
 
+    /// kvstoremesh's own key builders classify as the agent expects.
+    #[test]
+    fn kvstoremesh_keys() {
+        let b = name("b");
+        assert_eq!(
+            classify(Layout::Cache, &kvstoremesh::status_key(&b)),
+            Some(KeyClass::MeshStatus(b.clone()))
+        );
+        assert_eq!(
+            classify(Layout::Cache, &kvstoremesh::heartbeat_cache_key(&b)),
+            Some(KeyClass::Heartbeat(Some(b.clone())))
+        );
+        for kind in USED_KINDS {
+            assert_eq!(
+                classify(Layout::Cache, &kind.cache_canary_key(&b)),
+                Some(KeyClass::Canary(b.clone(), kind))
+            );
+            assert_eq!(
+                classify(Layout::Direct, &kind.state_canary_key(&b)),
+                Some(KeyClass::Canary(b.clone(), kind))
+            );
+        }
+        // The status kvstoremesh writes parses as a link state.
+        let status = kvstoremesh::PeerStatus {
+            schema: 1,
+            peer: "b".into(),
+            connected: true,
+            ..Default::default()
+        };
+        let mut t = PeerTracker::new(b.clone(), Layout::Cache, config("a", 1));
+        let mut out = Vec::new();
+        t.handle(Signal::MeshStatus(Some(status.encode())), &mut out);
+        assert!(
+            matches!(
+                &out[..],
+                [PeerUpdate::Link {
+                    connected: true,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
+    }
+
     #[test]
     fn key_classes() {
         use KeyClass::*;
