@@ -6,6 +6,7 @@
 //! cargo bench -p clustermesh-apiserver --bench publish                 # 100k endpoints
 //! cargo bench -p clustermesh-apiserver --bench publish -- --quick      # a small smoke run
 //! cargo bench -p clustermesh-apiserver --bench publish -- --json out.json
+//! cargo bench -p clustermesh-apiserver --bench publish -- --generate DIR  # manifests only
 //! ```
 //!
 //! The full run generates 1,000 global Services, each with an EndpointSlice of 100 ready
@@ -99,18 +100,24 @@ impl Params {
 struct Args {
     quick: bool,
     json: Option<PathBuf>,
+    /// Only write the manifests into this directory and exit (to run the apiserver by hand).
+    generate: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         quick: false,
         json: None,
+        generate: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => args.quick = true,
             "--json" => args.json = Some(it.next().ok_or("--json needs a file")?.into()),
+            "--generate" => {
+                args.generate = Some(it.next().ok_or("--generate needs a directory")?.into());
+            }
             // `cargo bench` passes --bench; filters and other harness flags mean nothing here.
             _ => {}
         }
@@ -701,6 +708,14 @@ async fn main() -> Result<()> {
         params.label_sets,
         params.edits
     );
+    if let Some(dir) = args.generate {
+        let bytes = generate(&params, &dir)?;
+        eprintln!(
+            "[bench] wrote {bytes} bytes of manifests into {}",
+            dir.display()
+        );
+        return Ok(());
+    }
     let bin = kvstore_bin()?;
     let ours = run_store("ours", Backend::Embedded { bin }, &params).await?;
     let etcd = run_store("etcd", Backend::Etcd, &params).await?;
