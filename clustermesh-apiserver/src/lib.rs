@@ -71,6 +71,10 @@ pub enum ApiserverError {
     /// The Kubernetes client could not be configured.
     #[error("kubernetes client: {0}")]
     Kube(String),
+    /// A part stopped for good while the apiserver ran (the cluster source failed), so the
+    /// whole apiserver stopped rather than idle without publishing.
+    #[error("{0}")]
+    PartFailed(String),
     /// The health endpoint could not be bound.
     #[error("health endpoint {addr}: {source}")]
     Health {
@@ -90,6 +94,8 @@ pub struct Running {
     /// Publisher status, for callers that want to wait for readiness.
     pub status: watch::Receiver<PublisherStatus>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Why a part stopped on its own, if one did; it then cancelled everything else.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
     store: Option<Server>,
     grace: Duration,
 }
@@ -146,29 +152,45 @@ pub async fn start(
         )
         .instrument(span.clone()),
     );
+    let failure = Arc::new(std::sync::Mutex::new(None));
     let source = tokio::spawn(
-        async move {
-            match source_task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::error!(%error, "cluster source stopped"),
-                Err(error) => tracing::error!(%error, "cluster source task failed"),
-            }
-        }
-        .instrument(span),
+        watch_source(source_task, Arc::clone(&failure), cancel.clone()).instrument(span),
     );
     Ok(Running {
         store_endpoint,
         health_addr,
         status,
         tasks: vec![publisher, source],
+        failure,
         store,
         grace: config.shutdown_grace,
     })
 }
 
+/// Without its source the apiserver has nothing left to publish, and idling would leave
+/// `/readyz` at 503 with nobody told why: a source that stops on its own (before `cancel`)
+/// records why and stops every other part.
+async fn watch_source(
+    task: tokio::task::JoinHandle<Result<(), cluster_source::SourceError>>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+    cancel: CancellationToken,
+) {
+    let reason = match task.await {
+        Ok(Ok(())) if cancel.is_cancelled() => return,
+        Ok(Ok(())) => "the cluster source stopped".to_owned(),
+        Ok(Err(error)) => format!("cluster source: {}", daemon::error_chain(&error)),
+        Err(error) => format!("cluster source task: {error}"),
+    };
+    tracing::error!(%reason, "stopping: nothing left to publish");
+    if let Ok(mut slot) = failure.lock() {
+        slot.get_or_insert(reason);
+    }
+    cancel.cancel();
+}
+
 impl Running {
     /// Waits for every part to stop after the cancellation token fired, at most the grace
-    /// period; what is still running then is dropped.
+    /// period; what is still running then is dropped. Fails if a part stopped on its own.
     pub async fn wait(self) -> Result<(), ApiserverError> {
         let grace = self.grace;
         let all = async {
@@ -180,12 +202,17 @@ impl Running {
                 None => Ok(()),
             }
         };
-        match tokio::time::timeout(grace, all).await {
+        let stopped = match tokio::time::timeout(grace, all).await {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(?grace, "shutdown took longer than the grace period");
                 Ok(())
             }
+        };
+        let failure = self.failure.lock().ok().and_then(|mut slot| slot.take());
+        match failure {
+            Some(reason) => Err(ApiserverError::PartFailed(reason)),
+            None => stopped,
         }
     }
 }
@@ -204,4 +231,58 @@ async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Apiser
             .map_err(|e| ApiserverError::Kube(e.to_string()))?,
     };
     kube::Client::try_from(config).map_err(|e| ApiserverError::Kube(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::TranslateConfig;
+    use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
+
+    /// A source that fails after the checks of `main` (here: a manifest path that is a file)
+    /// stops the whole apiserver with the reason, instead of leaving it idle.
+    #[tokio::test]
+    async fn a_failed_source_stops_the_apiserver_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nodes.yaml");
+        std::fs::write(&file, "").unwrap();
+        let name = ClusterName::new("eu-1").unwrap();
+        let max = MaxConnectedClusters::Max255;
+        let cluster = ClusterConfig::new(
+            name,
+            ClusterId::new(2, max).unwrap(),
+            max,
+            Capabilities::default(),
+        )
+        .unwrap();
+        let config = ApiserverConfig {
+            source: SourceConfig::Manifests(file),
+            store: StoreConfig::Embedded {
+                server: ServerConfig::new(([127, 0, 0, 1], 0).into(), dir.path().join("data")),
+                admin_tls: None,
+            },
+            publisher: PublisherConfig {
+                translate: TranslateConfig {
+                    cluster,
+                    default_global_namespace: true,
+                },
+                lease_ttl: Duration::from_secs(5),
+                heartbeat_interval: Duration::from_secs(1),
+                retry_backoff: Duration::from_millis(100),
+            },
+            health_listen: None,
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let cancel = CancellationToken::new();
+        let running = start(config, cancel.clone()).await.expect("started");
+        tokio::time::timeout(Duration::from_secs(30), cancel.cancelled())
+            .await
+            .expect("the failed source cancels the apiserver");
+        let error = running.wait().await.expect_err("wait reports the failure");
+        let text = error.to_string();
+        assert!(
+            text.contains("nodes.yaml") && text.contains("not a directory"),
+            "{text}"
+        );
+    }
 }

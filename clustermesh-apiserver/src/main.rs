@@ -126,6 +126,12 @@ impl Args {
         };
         let cluster = ClusterConfig::new(name.clone(), id, max, capabilities)
             .context("cluster configuration")?;
+        if let Some(dir) = &self.manifests
+            && dir.exists()
+            && !dir.is_dir()
+        {
+            bail!("--manifests {}: not a directory", dir.display());
+        }
         for (flag, path) in [
             ("--manifests", &self.manifests),
             ("--kubeconfig", &self.kubeconfig),

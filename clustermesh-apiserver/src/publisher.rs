@@ -91,10 +91,15 @@ pub async fn run(
                 return;
             }
             Err(error) => {
+                let error = daemon::error_chain(&error);
                 tracing::warn!(%cluster, %error, "publishing failed; starting over with a full pass");
                 metrics.store_errors.inc();
+                // Whatever failed, the next pass starts from a new lease: until it has
+                // published everything again, readers may find keys missing.
+                metrics.ready.set(0);
                 status.send_modify(|s| {
-                    s.last_error = Some(error.to_string());
+                    s.ready = false;
+                    s.last_error = Some(error);
                 });
                 tokio::select! {
                     () = cancel.cancelled() => return,

@@ -499,11 +499,9 @@ async fn bad_flags_exit_64_naming_the_flag() {
     }
 }
 
-/// `--manifests` naming a file, not a directory, should be refused like a missing one.
-/// Today it passes validation (main.rs only checks that the path exists); the manifest
-/// source then stops at once, and the daemon keeps running without publishing anything.
+/// `--manifests` naming a file, not a directory, is refused like a missing one (before, it
+/// passed validation and the daemon idled without publishing anything).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: --manifests accepts a file (main.rs `existing` checks only exists())"]
 async fn manifests_must_be_a_directory() {
     let work = Workdir::new(&["eu-1"]);
     let file = work.manifests().join("nodes.yaml").display().to_string();

@@ -753,6 +753,32 @@ async fn lease_keepalive_keeps_keys_alive_past_the_ttl() {
     );
 }
 
+/// A grant answered only after its TTL (the store froze with the request in flight) is not
+/// a lost lease: the store started the TTL when it answered, and a keepalive says so.
+#[tokio::test]
+async fn a_grant_answered_after_its_ttl_is_kept_alive() {
+    let (store, client) = store_and_client().await;
+    let ttl = Duration::from_secs(2);
+    store.freeze();
+    let grant = tokio::spawn({
+        let client = client.clone();
+        async move { client.grant_lease(ttl).await }
+    });
+    tokio::time::sleep(ttl + Duration::from_secs(1)).await;
+    store.thaw();
+    let lease = grant
+        .await
+        .unwrap()
+        .expect("granted once the store answers");
+    tokio::time::sleep(ttl * 2).await;
+    assert!(lease.is_alive(), "{:?}", lease.lost_reason());
+    let remaining = client.lease_time_to_live(lease.id()).await.unwrap();
+    assert!(
+        remaining.is_some_and(|left| left > Duration::ZERO),
+        "{remaining:?}"
+    );
+}
+
 #[tokio::test]
 async fn lease_revoke_deletes_keys() {
     let (_store, client) = store_and_client().await;

@@ -25,6 +25,8 @@ use tokio::time::MissedTickBehavior;
 use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
 
+use daemon::error_chain as chain;
+
 use crate::Timing;
 use crate::backoff::Backoff;
 use crate::board::Board;
@@ -143,21 +145,6 @@ impl MirrorError {
             _ => Stage::Config,
         }
     }
-}
-
-/// An error and all its sources, joined with `: `.
-pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let next = inner.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 /// How a session ended.

@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::local;
-use crate::mirror::{self, Shared, chain};
+use daemon::error_chain as chain;
+
+use crate::mirror::{self, Shared};
 use crate::peerfile::parse_peer_file;
 use crate::status::{self, rfc3339};
 

@@ -320,7 +320,7 @@ async fn frozen_peer_is_noticed_and_resumed() {
     .await;
     let (_, before) = http_get(mesh.health, "/metrics").await;
 
-    signal(b.store.process.pid(), "STOP");
+    b.store.process.freeze();
     let (status, noticed) =
         wait_status(&local.client, b.name(), "disconnected", |s| !s.connected).await;
     println!(
@@ -335,7 +335,7 @@ async fn frozen_peer_is_noticed_and_resumed() {
     assert!(status.disconnected_since.is_some());
     assert_cache(&local.client, b.name(), &expected_cache(b.name(), &state)).await;
 
-    signal(b.store.process.pid(), "CONT");
+    b.store.process.thaw();
     let (_, back) = wait_status(&local.client, b.name(), "connected again", |s| s.connected).await;
     println!("SIGCONT: following again after {back:?}");
     let (key, value) = node(&b.config, 900);

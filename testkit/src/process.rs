@@ -223,6 +223,26 @@ impl StoreProcess {
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
+    /// Freezes the process with SIGSTOP: connections stay open and nothing answers, as with
+    /// a hung or partitioned store. [`StoreProcess::kill`] (and drop) still end it.
+    pub fn freeze(&self) {
+        self.send_signal("STOP");
+    }
+
+    /// Resumes a process frozen by [`StoreProcess::freeze`].
+    pub fn thaw(&self) {
+        self.send_signal("CONT");
+    }
+
+    fn send_signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {}", self.pid);
+    }
+
     /// SIGKILLs the process and reaps it. No-op if it is not running.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -210,7 +210,10 @@ async fn keepalive(
 ) {
     let period = keepalive_period(ttl);
     let retry = (period / 2).min(Duration::from_secs(1));
-    let mut deadline = granted_at + ttl;
+    // The store started the TTL somewhere between our request and its answer, so the lease
+    // is counted from the request. An answer that came later than the TTL (a slow or frozen
+    // store) would then read as lost before anything was tried: one keepalive decides.
+    let mut deadline = (granted_at + ttl).max(Instant::now() + period);
     let mut next = granted_at + period;
     let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
     let mut last_error = String::from("no keepalive attempted yet");

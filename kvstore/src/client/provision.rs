@@ -250,19 +250,8 @@ fn from_etcd(perm: &etcd_client::Permission) -> Permission {
 /// Whether an error is etcd saying the thing to create already exists (a concurrent
 /// provisioner won the race).
 fn already_exists(err: &Error) -> bool {
-    err.grpc_code() == Some(Code::FailedPrecondition) && chain(err).contains("already")
-}
-
-/// An error and its sources, joined, for matching etcd's messages.
-fn chain(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
+    err.grpc_code() == Some(Code::FailedPrecondition)
+        && daemon::error_chain(err).contains("already")
 }
 
 /// Runs the auth requests of one provisioning call and sorts their errors.
@@ -287,7 +276,7 @@ impl<'a> Provisioner<'a> {
     /// the caller's own CN is no etcd user.
     fn fail_as_caller(&self, step: String, source: Error) -> ProvisionError {
         if source.grpc_code() == Some(Code::FailedPrecondition)
-            && chain(&source).contains("user name not found")
+            && daemon::error_chain(&source).contains("user name not found")
         {
             return ProvisionError::NotRoot {
                 us: self.us.clone(),
@@ -522,7 +511,7 @@ impl<'a> Provisioner<'a> {
             // Deleted concurrently: the goal is reached.
             Err(err)
                 if err.grpc_code() == Some(Code::FailedPrecondition)
-                    && chain(&err).contains("not found") =>
+                    && daemon::error_chain(&err).contains("not found") =>
             {
                 Ok(())
             }
