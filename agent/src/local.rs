@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cluster_source::ClusterObjects;
 use clustermesh_apiserver::identity::IdentityAllocator;
 use clustermesh_apiserver::translate::{
-    NAMESPACE_GLOBAL_ANNOTATION, TranslateConfig, Warning, translate,
+    NAMESPACE_GLOBAL_ANNOTATION, TranslateCache, TranslateConfig, Warning, translate_cached,
 };
 use model::annotations::{GLOBAL, GLOBAL_ALIAS, SHARED, SHARED_ALIAS};
 use model::{ClusterConfig, ClusterService, Entry, Identity, IpIdentity, Kind};
@@ -29,6 +29,8 @@ use crate::tables::{AffinityMode, Keyed};
 pub struct LocalTranslator {
     config: TranslateConfig,
     allocator: IdentityAllocator,
+    /// Per-pod results of the last translation, so a change costs what it touched.
+    cache: TranslateCache,
     node_name: Option<String>,
 }
 
@@ -63,7 +65,7 @@ fn namespace_global(objects: &ClusterObjects, namespace: &str, default: bool) ->
 fn all_services_global(objects: &ClusterObjects) -> ClusterObjects {
     let mut forced = objects.clone();
     for service in forced.services.values_mut() {
-        let annotations = service
+        let annotations = std::sync::Arc::make_mut(service)
             .metadata
             .annotations
             .get_or_insert_with(BTreeMap::new);
@@ -73,7 +75,11 @@ fn all_services_global(objects: &ClusterObjects) -> ClusterObjects {
         annotations.insert(GLOBAL.to_owned(), "true".to_owned());
     }
     for namespace in forced.namespaces.values_mut() {
-        if let Some(annotations) = namespace.metadata.annotations.as_mut() {
+        if let Some(annotations) = std::sync::Arc::make_mut(namespace)
+            .metadata
+            .annotations
+            .as_mut()
+        {
             annotations.remove(NAMESPACE_GLOBAL_ANNOTATION);
         }
     }
@@ -94,6 +100,7 @@ impl LocalTranslator {
         Ok(LocalTranslator {
             config,
             allocator,
+            cache: TranslateCache::default(),
             node_name,
         })
     }
@@ -112,7 +119,12 @@ impl LocalTranslator {
             default_global_namespace: true,
             ..self.config.clone()
         };
-        let published = translate(&forced, &forced_config, &mut self.allocator);
+        let published = translate_cached(
+            &forced,
+            &forced_config,
+            &mut self.allocator,
+            &mut self.cache,
+        );
         let mut part = LocalPart::default();
         let mut warnings = published.warnings.clone();
         for bytes in published.kind(Kind::Services).values() {
@@ -168,8 +180,16 @@ impl LocalTranslator {
             .iter()
             .map(|(name, ns)| (name.clone(), ns.metadata.labels.clone().unwrap_or_default()))
             .collect();
-        part.network_policies = objects.network_policies.values().cloned().collect();
-        part.cilium_policies = objects.cilium_network_policies.values().cloned().collect();
+        part.network_policies = objects
+            .network_policies
+            .values()
+            .map(|p| (**p).clone())
+            .collect();
+        part.cilium_policies = objects
+            .cilium_network_policies
+            .values()
+            .map(|p| (**p).clone())
+            .collect();
         (part, warnings)
     }
 

@@ -401,13 +401,13 @@ impl<Q: Key, K: Clone> KindState<Q, K> {
 /// Everything known from the API.
 struct ApiState {
     objects: ClusterObjects,
-    namespaces: KindState<String, Namespace>,
-    nodes: KindState<String, Node>,
-    services: KindState<NamespacedName, Service>,
-    endpoint_slices: KindState<NamespacedName, EndpointSlice>,
-    pods: KindState<NamespacedName, Pod>,
-    network_policies: KindState<NamespacedName, NetworkPolicy>,
-    cilium_network_policies: KindState<NamespacedName, CiliumNetworkPolicy>,
+    namespaces: KindState<String, Arc<Namespace>>,
+    nodes: KindState<String, Arc<Node>>,
+    services: KindState<NamespacedName, Arc<Service>>,
+    endpoint_slices: KindState<NamespacedName, Arc<EndpointSlice>>,
+    pods: KindState<NamespacedName, Arc<Pod>>,
+    network_policies: KindState<NamespacedName, Arc<NetworkPolicy>>,
+    cilium_network_policies: KindState<NamespacedName, Arc<CiliumNetworkPolicy>>,
 }
 
 impl Default for ApiState {
@@ -425,13 +425,14 @@ impl Default for ApiState {
     }
 }
 
-fn same<K>(object: K) -> Result<K, String> {
-    Ok(object)
+fn same<K>(object: K) -> Result<Arc<K>, String> {
+    Ok(Arc::new(object))
 }
 
-fn cnp_from_dynamic(object: DynamicObject) -> Result<CiliumNetworkPolicy, String> {
+fn cnp_from_dynamic(object: DynamicObject) -> Result<Arc<CiliumNetworkPolicy>, String> {
     serde_json::to_value(&object)
         .and_then(serde_json::from_value)
+        .map(Arc::new)
         .map_err(|err| format!("cannot decode: {err}"))
 }
 

@@ -144,16 +144,21 @@ impl ManifestDir {
                 pending.first_event = None;
                 pending.last_event = None;
                 let started = std::time::Instant::now();
+                let first = !out.borrow().synced;
                 let (next, snapshot) = tokio::task::spawn_blocking(move || {
-                    state.scan(&force, &skip, force_all);
-                    let snapshot = state.snapshot();
+                    // Most scans (the periodic rescan above all) find nothing new: building
+                    // and comparing a snapshot of every object would then be wasted work.
+                    let changed = state.scan(&force, &skip, force_all);
+                    let snapshot = (changed || first).then(|| state.snapshot());
                     (state, snapshot)
                 })
                 .await
                 .map_err(SourceError::Task)?;
                 state = next;
-                debug!(elapsed = ?started.elapsed(), objects = snapshot.len(), "manifest directory scanned");
-                publish(&out, snapshot);
+                debug!(elapsed = ?started.elapsed(), changed = snapshot.is_some(), "manifest directory scanned");
+                if let Some(snapshot) = snapshot {
+                    publish(&out, snapshot);
+                }
                 // Re-establish the watch if the directory was removed and came back.
                 watch_lost |= std::mem::take(&mut pending.root_event) || state.root_id.is_none();
                 if state.root_id.is_some() && (watch_lost || state.root_id != watched) {
@@ -408,10 +413,17 @@ impl DirState {
     }
 
     /// Walks the directory and reads every file that is new, changed, in `force` (or every
-    /// file if `force_all`), except those in `skip`; forgets files that are gone.
-    fn scan(&mut self, force: &BTreeSet<PathBuf>, skip: &BTreeSet<PathBuf>, force_all: bool) {
+    /// file if `force_all`), except those in `skip`; forgets files that are gone. Returns
+    /// whether any object or problem changed.
+    fn scan(
+        &mut self,
+        force: &BTreeSet<PathBuf>,
+        skip: &BTreeSet<PathBuf>,
+        force_all: bool,
+    ) -> bool {
         let mut walk = Walk::default();
         walk.dir(&self.root, true);
+        let mut changed = self.walk_problems != walk.problems;
         self.walk_problems = walk.problems;
         self.root_id = if walk.root_missing {
             None
@@ -419,12 +431,14 @@ impl DirState {
             root_id(&self.root)
         };
         if walk.root_missing {
-            return; // keep everything
+            return changed; // keep everything
         }
         // Forget files that are gone, except under directories we could not read.
+        let known = self.files.len();
         self.files.retain(|path, _| {
             walk.found.contains_key(path) || walk.unreadable.iter().any(|dir| path.starts_with(dir))
         });
+        changed |= self.files.len() != known;
         for (path, found) in walk.found {
             if skip.contains(&path) {
                 continue;
@@ -433,7 +447,9 @@ impl DirState {
             let fingerprint = match found {
                 Ok(fingerprint) => fingerprint,
                 Err(problem) => {
-                    entry.problems = vec![problem];
+                    let problems = vec![problem];
+                    changed |= entry.problems != problems;
+                    entry.problems = problems;
                     entry.fingerprint = None;
                     continue;
                 }
@@ -441,12 +457,13 @@ impl DirState {
             if !force_all && !force.contains(&path) && entry.fingerprint == Some(fingerprint) {
                 continue;
             }
-            read_file(&path, entry, fingerprint);
+            changed |= read_file(&path, entry, fingerprint);
             if entry.fingerprint.is_none() && entry.content.is_none() && entry.problems.is_empty() {
                 // It vanished between the walk and the read.
                 self.files.remove(&path);
             }
         }
+        changed
     }
 
     /// The snapshot of every file's last good objects, with every current problem.
@@ -484,25 +501,28 @@ impl DirState {
     }
 }
 
-/// Reads and parses one file into its entry.
-fn read_file(path: &Path, entry: &mut FileEntry, fingerprint: Fingerprint) {
+/// Reads and parses one file into its entry; returns whether its objects or problems
+/// changed.
+fn read_file(path: &Path, entry: &mut FileEntry, fingerprint: Fingerprint) -> bool {
     let source = path.display().to_string();
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             *entry = FileEntry::default();
-            return;
+            return true;
         }
         Err(err) => {
             entry.fingerprint = None;
             entry.content = None;
-            entry.problems = vec![Problem {
-                source,
-                line: None,
-                object: None,
-                message: format!("cannot read: {err}"),
-            }];
-            return;
+            return set_problems(
+                entry,
+                vec![Problem {
+                    source,
+                    line: None,
+                    object: None,
+                    message: format!("cannot read: {err}"),
+                }],
+            );
         }
     };
     entry.fingerprint = Some(fingerprint);
@@ -510,22 +530,24 @@ fn read_file(path: &Path, entry: &mut FileEntry, fingerprint: Fingerprint) {
     bytes.hash(&mut hasher);
     let content = hasher.finish();
     if entry.content == Some(content) {
-        return; // same text, same result
+        return false; // same text, same result
     }
     entry.content = Some(content);
     let Some(format) = ManifestFormat::for_path(path) else {
-        return;
+        return false;
     };
     let text = match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(err) => {
-            entry.problems = vec![Problem {
-                source,
-                line: None,
-                object: None,
-                message: format!("not UTF-8: {err}"),
-            }];
-            return;
+            return set_problems(
+                entry,
+                vec![Problem {
+                    source,
+                    line: None,
+                    object: None,
+                    message: format!("not UTF-8: {err}"),
+                }],
+            );
         }
     };
     match parse_manifests(&source, &text, format) {
@@ -533,12 +555,20 @@ fn read_file(path: &Path, entry: &mut FileEntry, fingerprint: Fingerprint) {
             debug!(file = %source, objects = objects.len(), "manifest file read");
             entry.objects = objects;
             entry.problems.clear();
+            true
         }
         Err(problems) => {
             debug!(file = %source, problems = problems.len(), "manifest file has problems, keeping its last good objects");
-            entry.problems = problems;
+            set_problems(entry, problems)
         }
     }
+}
+
+/// Replaces the entry's problems; returns whether they changed.
+fn set_problems(entry: &mut FileEntry, problems: Vec<Problem>) -> bool {
+    let changed = entry.problems != problems;
+    entry.problems = problems;
+    changed
 }
 
 /// One walk of the directory tree.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -134,26 +135,27 @@ impl fmt::Display for ObjectRef {
 }
 
 /// One object of any kind a source yields.
+///
+/// Objects are shared (`Arc`): a snapshot holds the same allocation as the source's own state
+/// and as the previous snapshot for every object that did not change, so publishing a
+/// snapshot of 100k pods copies pointers, not pods, and an unchanged object can be recognised
+/// by its address ([`ClusterObjects`] equality does).
 #[derive(Debug, Clone, PartialEq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "objects are short-lived on their way into typed maps; boxing would only add allocations"
-)]
 pub enum AnyObject {
     /// A `Namespace`.
-    Namespace(Namespace),
+    Namespace(Arc<Namespace>),
     /// A `Node`.
-    Node(Node),
+    Node(Arc<Node>),
     /// A `Service`.
-    Service(Service),
+    Service(Arc<Service>),
     /// An `EndpointSlice`.
-    EndpointSlice(EndpointSlice),
+    EndpointSlice(Arc<EndpointSlice>),
     /// A `Pod`.
-    Pod(Pod),
+    Pod(Arc<Pod>),
     /// A `NetworkPolicy`.
-    NetworkPolicy(NetworkPolicy),
+    NetworkPolicy(Arc<NetworkPolicy>),
     /// A `CiliumNetworkPolicy`.
-    CiliumNetworkPolicy(CiliumNetworkPolicy),
+    CiliumNetworkPolicy(Arc<CiliumNetworkPolicy>),
 }
 
 impl AnyObject {
@@ -183,16 +185,16 @@ impl AnyObject {
         }
     }
 
-    /// The object's metadata, mutably.
+    /// The object's metadata, mutably (copying the object first if it is shared).
     pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
         match self {
-            AnyObject::Namespace(o) => &mut o.metadata,
-            AnyObject::Node(o) => &mut o.metadata,
-            AnyObject::Service(o) => &mut o.metadata,
-            AnyObject::EndpointSlice(o) => &mut o.metadata,
-            AnyObject::Pod(o) => &mut o.metadata,
-            AnyObject::NetworkPolicy(o) => &mut o.metadata,
-            AnyObject::CiliumNetworkPolicy(o) => &mut o.metadata,
+            AnyObject::Namespace(o) => &mut Arc::make_mut(o).metadata,
+            AnyObject::Node(o) => &mut Arc::make_mut(o).metadata,
+            AnyObject::Service(o) => &mut Arc::make_mut(o).metadata,
+            AnyObject::EndpointSlice(o) => &mut Arc::make_mut(o).metadata,
+            AnyObject::Pod(o) => &mut Arc::make_mut(o).metadata,
+            AnyObject::NetworkPolicy(o) => &mut Arc::make_mut(o).metadata,
+            AnyObject::CiliumNetworkPolicy(o) => &mut Arc::make_mut(o).metadata,
         }
     }
 
@@ -248,25 +250,28 @@ impl fmt::Display for Problem {
 /// Sources publish a new `Arc<ClusterObjects>` on every change; consumers diff consecutive
 /// snapshots. Cluster-scoped kinds are keyed by name, namespaced kinds by
 /// [`NamespacedName`]; every namespaced object has `metadata.namespace` set.
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Two snapshots are equal when they hold equal objects; an object shared by both (the same
+/// `Arc`) is equal without being compared field by field.
+#[derive(Debug, Clone, Default)]
 pub struct ClusterObjects {
     /// True once the initial state is complete. Before that, the maps may be partial; after
     /// it they never are.
     pub synced: bool,
     /// Namespaces by name.
-    pub namespaces: BTreeMap<String, Namespace>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
     /// Nodes by name.
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
     /// Services by namespace and name.
-    pub services: BTreeMap<NamespacedName, Service>,
+    pub services: BTreeMap<NamespacedName, Arc<Service>>,
     /// EndpointSlices (`discovery.k8s.io/v1`) by namespace and name.
-    pub endpoint_slices: BTreeMap<NamespacedName, EndpointSlice>,
+    pub endpoint_slices: BTreeMap<NamespacedName, Arc<EndpointSlice>>,
     /// Pods by namespace and name.
-    pub pods: BTreeMap<NamespacedName, Pod>,
+    pub pods: BTreeMap<NamespacedName, Arc<Pod>>,
     /// NetworkPolicies (`networking.k8s.io/v1`) by namespace and name.
-    pub network_policies: BTreeMap<NamespacedName, NetworkPolicy>,
+    pub network_policies: BTreeMap<NamespacedName, Arc<NetworkPolicy>>,
     /// CiliumNetworkPolicies (`cilium.io/v2`) by namespace and name.
-    pub cilium_network_policies: BTreeMap<NamespacedName, CiliumNetworkPolicy>,
+    pub cilium_network_policies: BTreeMap<NamespacedName, Arc<CiliumNetworkPolicy>>,
     /// What is currently wrong with the input, sorted.
     pub problems: Vec<Problem>,
 }
@@ -277,13 +282,12 @@ impl ClusterObjects {
     /// `metadata.namespace` set accordingly.
     pub fn insert(&mut self, mut object: AnyObject) -> Option<AnyObject> {
         let kind = object.kind();
-        let meta = object.metadata_mut();
-        let name = meta.name.clone().unwrap_or_default();
+        let name = object.metadata().name.clone().unwrap_or_default();
         let key = if kind.namespaced() {
-            let ns = match meta.namespace.as_deref() {
+            let ns = match object.metadata().namespace.as_deref() {
                 Some(ns) if !ns.is_empty() => ns.to_owned(),
                 _ => {
-                    meta.namespace = Some(DEFAULT_NAMESPACE.to_owned());
+                    object.metadata_mut().namespace = Some(DEFAULT_NAMESPACE.to_owned());
                     DEFAULT_NAMESPACE.to_owned()
                 }
             };
@@ -353,4 +357,29 @@ impl ClusterObjects {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+impl PartialEq for ClusterObjects {
+    fn eq(&self, other: &Self) -> bool {
+        self.synced == other.synced
+            && self.problems == other.problems
+            && same_objects(&self.namespaces, &other.namespaces)
+            && same_objects(&self.nodes, &other.nodes)
+            && same_objects(&self.services, &other.services)
+            && same_objects(&self.endpoint_slices, &other.endpoint_slices)
+            && same_objects(&self.pods, &other.pods)
+            && same_objects(&self.network_policies, &other.network_policies)
+            && same_objects(
+                &self.cilium_network_policies,
+                &other.cilium_network_policies,
+            )
+    }
+}
+
+/// Map equality that skips comparing objects both maps share.
+fn same_objects<K: Eq, T: PartialEq>(a: &BTreeMap<K, Arc<T>>, b: &BTreeMap<K, Arc<T>>) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, va), (kb, vb))| ka == kb && (Arc::ptr_eq(va, vb) || va == vb))
 }

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::{
@@ -186,18 +187,22 @@ impl Parser<'_> {
     fn decode(&mut self, kind: ObjectKind, value: Value, at: At) {
         let described = describe(kind, &value);
         let decoded = match kind {
-            ObjectKind::Namespace => serde_json::from_value(value).map(AnyObject::Namespace),
-            ObjectKind::Node => serde_json::from_value(value).map(AnyObject::Node),
-            ObjectKind::Service => serde_json::from_value(value).map(AnyObject::Service),
-            ObjectKind::EndpointSlice => {
-                serde_json::from_value(value).map(AnyObject::EndpointSlice)
+            ObjectKind::Namespace => {
+                serde_json::from_value(value).map(|o| AnyObject::Namespace(Arc::new(o)))
             }
-            ObjectKind::Pod => serde_json::from_value(value).map(AnyObject::Pod),
+            ObjectKind::Node => serde_json::from_value(value).map(|o| AnyObject::Node(Arc::new(o))),
+            ObjectKind::Service => {
+                serde_json::from_value(value).map(|o| AnyObject::Service(Arc::new(o)))
+            }
+            ObjectKind::EndpointSlice => {
+                serde_json::from_value(value).map(|o| AnyObject::EndpointSlice(Arc::new(o)))
+            }
+            ObjectKind::Pod => serde_json::from_value(value).map(|o| AnyObject::Pod(Arc::new(o))),
             ObjectKind::NetworkPolicy => {
-                serde_json::from_value(value).map(AnyObject::NetworkPolicy)
+                serde_json::from_value(value).map(|o| AnyObject::NetworkPolicy(Arc::new(o)))
             }
             ObjectKind::CiliumNetworkPolicy => {
-                serde_json::from_value(value).map(AnyObject::CiliumNetworkPolicy)
+                serde_json::from_value(value).map(|o| AnyObject::CiliumNetworkPolicy(Arc::new(o)))
             }
         };
         let mut object = match decoded {

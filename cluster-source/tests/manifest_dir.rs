@@ -380,6 +380,38 @@ async fn adding_editing_and_deleting_files_changes_snapshots() {
     stop(task, cancel).await;
 }
 
+/// At 100k pods a snapshot must not cost a copy of every pod: an edit shares every object it
+/// did not touch with the previous snapshot, and a rescan that finds nothing new publishes
+/// nothing at all.
+#[tokio::test]
+async fn snapshots_share_unchanged_objects_and_idle_rescans_publish_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir.path().join("a.yaml"), &service("a", "default", "1"));
+    write(&dir.path().join("b.yaml"), &service("b", "default", "1"));
+    let source = ManifestDir::new(dir.path()).rescan_interval(Duration::from_millis(50));
+    let (mut rx, task, cancel) = start(source);
+    let first = wait_for(&mut rx, "both services", |s| s.synced && s.len() == 2).await;
+
+    // Twenty rescans with nothing changed: no new snapshot.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !rx.has_changed().expect("source running"),
+        "an idle rescan published"
+    );
+    assert!(Arc::ptr_eq(&first, &rx.borrow()));
+
+    write_rename(&dir.path().join("a.yaml"), &service("a", "default", "2"));
+    let second = wait_for(&mut rx, "service a edited", |s| {
+        label(s, "default", "a").as_deref() == Some("2")
+    })
+    .await;
+    let b = key("default", "b");
+    assert!(Arc::ptr_eq(&first.services[&b], &second.services[&b]));
+    assert_ne!(*first, *second);
+
+    stop(task, cancel).await;
+}
+
 #[tokio::test]
 async fn a_broken_file_is_reported_and_keeps_its_objects_until_fixed() {
     let dir = tempfile::tempdir().expect("tempdir");

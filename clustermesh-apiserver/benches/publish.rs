@@ -7,7 +7,12 @@
 //! cargo bench -p clustermesh-apiserver --bench publish -- --quick      # a small smoke run
 //! cargo bench -p clustermesh-apiserver --bench publish -- --json out.json
 //! cargo bench -p clustermesh-apiserver --bench publish -- --generate DIR  # manifests only
+//! cargo bench -p clustermesh-apiserver --bench publish -- --baseline OLD_BIN
 //! ```
+//!
+//! With `--baseline`, both stores are ours and the two columns are an older
+//! `clustermesh-apiserver` binary (built from another commit) and this one, run one after
+//! the other on the same generated cluster: an A/B of a change on a noisy machine.
 //!
 //! The full run generates 1,000 global Services, each with an EndpointSlice of 100 ready
 //! endpoints, the 100,000 Pods behind them (with IPs, across a handful of label sets) on 100
@@ -102,6 +107,8 @@ struct Args {
     json: Option<PathBuf>,
     /// Only write the manifests into this directory and exit (to run the apiserver by hand).
     generate: Option<PathBuf>,
+    /// An older apiserver binary to compare this one with, both publishing into our store.
+    baseline: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -109,12 +116,16 @@ fn parse_args() -> Result<Args> {
         quick: false,
         json: None,
         generate: None,
+        baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => args.quick = true,
             "--json" => args.json = Some(it.next().ok_or("--json needs a file")?.into()),
+            "--baseline" => {
+                args.baseline = Some(it.next().ok_or("--baseline needs a binary")?.into());
+            }
             "--generate" => {
                 args.generate = Some(it.next().ok_or("--generate needs a directory")?.into());
             }
@@ -309,9 +320,9 @@ struct Apiserver {
 }
 
 impl Apiserver {
-    fn spawn(args: &[String], log: PathBuf) -> Result<Apiserver> {
+    fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Result<Apiserver> {
         let file = std::fs::File::create(&log)?;
-        let child = Command::new(APISERVER)
+        let child = Command::new(bin)
             .args(args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
@@ -450,7 +461,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-async fn run_store(name: &str, backend: Backend, params: &Params) -> Result<Measured> {
+async fn run_store(
+    name: &str,
+    backend: Backend,
+    params: &Params,
+    apiserver: &Path,
+) -> Result<Measured> {
     let mut m = Measured::default();
     let work = tempfile::Builder::new()
         .prefix("apiserver-bench-")
@@ -491,7 +507,7 @@ async fn run_store(name: &str, backend: Backend, params: &Params) -> Result<Meas
     .map(|s| s.to_string())
     .collect();
     let start = Instant::now();
-    let mut api = Apiserver::spawn(&args, work.path().join("apiserver.log"))?;
+    let mut api = Apiserver::spawn(apiserver, &args, work.path().join("apiserver.log"))?;
 
     // Cold start: the health address from the log, then /readyz.
     let health: SocketAddr = loop {
@@ -631,13 +647,15 @@ async fn run_store(name: &str, backend: Backend, params: &Params) -> Result<Meas
 struct Row {
     metric: &'static str,
     unit: &'static str,
-    etcd: Option<f64>,
-    ours: Option<f64>,
-    /// ours / etcd.
+    /// The reference column: etcd, or the baseline binary.
+    base: Option<f64>,
+    /// Our store, or this binary.
+    this: Option<f64>,
+    /// this / base.
     ratio: Option<f64>,
 }
 
-fn rows(etcd: &Measured, ours: &Measured) -> Vec<Row> {
+fn rows(base: &Measured, this: &Measured) -> Vec<Row> {
     type Metric = (&'static str, &'static str, fn(&Measured) -> Option<f64>);
     let metrics: [Metric; 9] = [
         ("cold start → /healthz up", "s", |m| Some(m.to_health_s)),
@@ -655,26 +673,30 @@ fn rows(etcd: &Measured, ours: &Measured) -> Vec<Row> {
     metrics
         .into_iter()
         .map(|(metric, unit, get)| {
-            let (e, o) = (get(etcd), get(ours));
+            let (b, t) = (get(base), get(this));
             Row {
                 metric,
                 unit,
-                etcd: e,
-                ours: o,
-                ratio: e.zip(o).map(|(e, o)| o / e),
+                base: b,
+                this: t,
+                ratio: b.zip(t).map(|(b, t)| t / b),
             }
         })
         .collect()
 }
 
-fn table(rows: &[Row]) -> String {
+fn table(rows: &[Row], base: &str, this: &str) -> String {
     let num = |v: Option<f64>, digits: usize| match v {
         Some(v) if v.is_finite() => format!("{v:.digits$}"),
         _ => "-".to_owned(),
     };
     let mut out = format!(
         "{:<30} {:>5} {:>10} {:>10} {:>10}\n",
-        "metric", "unit", "etcd", "ours", "ours/etcd"
+        "metric",
+        "unit",
+        base,
+        this,
+        format!("{this}/{base}")
     );
     for row in rows {
         let digits = if row.unit == "s" { 2 } else { 0 };
@@ -683,8 +705,8 @@ fn table(rows: &[Row]) -> String {
             "{:<30} {:>5} {:>10} {:>10} {:>10}",
             row.metric,
             row.unit,
-            num(row.etcd, digits),
-            num(row.ours, digits),
+            num(row.base, digits),
+            num(row.this, digits),
             num(row.ratio, 2)
         );
     }
@@ -717,9 +739,26 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let bin = kvstore_bin()?;
-    let ours = run_store("ours", Backend::Embedded { bin }, &params).await?;
-    let etcd = run_store("etcd", Backend::Etcd, &params).await?;
-    let rows = rows(&etcd, &ours);
+    let apiserver = Path::new(APISERVER);
+    let (base_name, base, ours) = match &args.baseline {
+        Some(old) => {
+            let embedded = || Backend::Embedded { bin: bin.clone() };
+            let base = run_store("baseline", embedded(), &params, old).await?;
+            let ours = run_store("this", embedded(), &params, apiserver).await?;
+            ("baseline", base, ours)
+        }
+        None => {
+            let ours = run_store("ours", Backend::Embedded { bin }, &params, apiserver).await?;
+            let etcd = run_store("etcd", Backend::Etcd, &params, apiserver).await?;
+            ("etcd", etcd, ours)
+        }
+    };
+    let this_name = if args.baseline.is_some() {
+        "this"
+    } else {
+        "ours"
+    };
+    let rows = rows(&base, &ours);
     println!(
         "\nclustermesh-apiserver publish ({}: {} services × {} endpoints, {} pods, {} nodes)\n",
         if args.quick { "quick" } else { "full" },
@@ -728,7 +767,7 @@ async fn main() -> Result<()> {
         params.pods(),
         params.nodes
     );
-    print!("{}", table(&rows));
+    print!("{}", table(&rows, base_name, this_name));
     println!(
         "\nentries published: {:?}; manifests {:.1} MiB",
         ours.entries, ours.manifest_mib
@@ -738,9 +777,10 @@ async fn main() -> Result<()> {
             "bench": "clustermesh-apiserver publish",
             "mode": if args.quick { "quick" } else { "full" },
             "params": params,
+            "columns": [base_name, this_name],
             "rows": rows,
-            "etcd": etcd,
-            "ours": ours,
+            base_name: base,
+            this_name: ours,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
         eprintln!("[bench] wrote {}", path.display());

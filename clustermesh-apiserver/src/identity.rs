@@ -146,7 +146,7 @@ impl IdentityAllocator {
     /// in identity order.
     pub fn release_unused(
         &mut self,
-        in_use: &BTreeSet<LabelSet>,
+        in_use: &BTreeSet<&LabelSet>,
     ) -> Vec<(NumericIdentity, LabelSet)> {
         let mut released = Vec::new();
         self.by_id.retain(|id, labels| {
@@ -419,7 +419,7 @@ mod tests {
             err.to_string().contains("exhausted (3 identities in use)"),
             "{err}"
         );
-        let released = a.release_unused(&sets[1..3].iter().cloned().collect());
+        let released = a.release_unused(&sets[1..3].iter().collect());
         assert_eq!(released, vec![(ids[0], sets[0].clone())]);
         assert_eq!(a.allocate(&sets[3]).unwrap(), ids[0], "the only free id");
         assert_eq!(a.len(), 3);

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cluster_source::{ClusterObjects, SnapshotReceiver};
 use kvstore::client::{LeaseHandle, LeaseId, Op, StoreClient};
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::identity::IdentityAllocator;
 use crate::metrics::Metrics;
-use crate::translate::{self, Published, TranslateConfig};
+use crate::translate::{self, Published, TranslateCache, TranslateConfig};
 
 /// The kinds this publisher owns, in the order they are published.
 pub const PUBLISHED_KINDS: [Kind; 4] = [Kind::Identities, Kind::Ip, Kind::Nodes, Kind::Services];
@@ -136,7 +136,14 @@ async fn publish_until_failure(
             Err(PublishError::SourceStopped)
         };
     };
-    let mut desired = translate_and_report(&objects, &config.translate, &mut allocator, metrics);
+    let mut cache = TranslateCache::default();
+    let mut desired = translate_and_report(
+        &objects,
+        &config.translate,
+        &mut allocator,
+        &mut cache,
+        metrics,
+    );
 
     // The full pass: cluster config first (readers check it before anything else), then
     // every kind in full, each followed by its canary.
@@ -171,17 +178,28 @@ async fn publish_until_failure(
                     return Err(PublishError::SourceStopped);
                 }
                 let objects = Arc::clone(&snapshots.borrow_and_update());
-                let mut next = translate_and_report(&objects, &config.translate, &mut allocator, metrics);
+                let started = Instant::now();
+                let mut next = translate_and_report(
+                    &objects,
+                    &config.translate,
+                    &mut allocator,
+                    &mut cache,
+                    metrics,
+                );
+                let translated = started.elapsed();
+                let mut writes = 0;
                 for kind in PUBLISHED_KINDS {
                     let want = next.entries.remove(&kind).unwrap_or_default();
                     let have = known.entry(kind).or_default();
                     let ops = diff_ops(&want, have, lease.id());
                     if !ops.is_empty() {
+                        writes += ops.len();
                         apply(client, ops, metrics).await?;
                         *have = want;
                     }
                 }
                 report(status, &known, metrics, true);
+                tracing::debug!(?translated, total = ?started.elapsed(), writes, "change published");
             }
         }
     }
@@ -201,9 +219,10 @@ fn translate_and_report(
     objects: &ClusterObjects,
     config: &TranslateConfig,
     allocator: &mut IdentityAllocator,
+    cache: &mut TranslateCache,
     metrics: &Metrics,
 ) -> Published {
-    let published = translate::translate(objects, config, allocator);
+    let published = translate::translate_cached(objects, config, allocator, cache);
     for warning in &published.warnings {
         tracing::warn!(object = %warning.object, "{}", warning.message);
     }

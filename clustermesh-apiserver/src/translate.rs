@@ -23,10 +23,10 @@ mod services;
 #[cfg(test)]
 mod testutil;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use cluster_source::{ClusterObjects, ObjectKind, ObjectRef};
+use cluster_source::{ClusterObjects, NamespacedName, ObjectKind, ObjectRef};
 use model::keys::Kind;
 use model::{ClusterConfig, Entry, validate_entry};
 
@@ -125,11 +125,50 @@ pub fn translate(
     config: &TranslateConfig,
     identities: &mut IdentityAllocator,
 ) -> Published {
+    translate_cached(objects, config, identities, &mut TranslateCache::default())
+}
+
+/// What one translation keeps for the next, so that translating the next snapshot costs what
+/// changed in it rather than the size of the cluster: per pod, its labels, addresses and
+/// encoded entries, reused while the snapshot holds the same pod object (`Arc`).
+#[derive(Debug, Default)]
+pub struct TranslateCache {
+    /// The configuration the cached values were made with.
+    config: Option<TranslateConfig>,
+    pods: HashMap<NamespacedName, pods::PodFacts>,
+}
+
+/// [`translate`], reusing (and refreshing) `cache`; the result is the same as without it.
+pub fn translate_cached(
+    objects: &ClusterObjects,
+    config: &TranslateConfig,
+    identities: &mut IdentityAllocator,
+    cache: &mut TranslateCache,
+) -> Published {
+    if cache.config.as_ref() != Some(config) {
+        cache.pods.clear();
+        cache.config = Some(config.clone());
+    }
     let mut out = Out::new(config);
     nodes::translate(objects, &mut out);
     services::translate(objects, &mut out);
-    pods::translate(objects, identities, &mut out);
+    pods::translate(objects, identities, &mut cache.pods, &mut out);
     out.published
+}
+
+/// An entry encoded and checked as a peer will check it: its kind, key and bytes, or why it
+/// is not published.
+type Encoded = Result<(Kind, String, Vec<u8>), String>;
+
+/// Encodes `entry` and checks it with [`validate_entry`] against this cluster's own config.
+fn encode(config: &TranslateConfig, entry: Entry) -> Encoded {
+    let kind = entry.kind();
+    let key = entry.key().to_string();
+    let bytes = entry.encode();
+    match validate_entry(kind, &key, &bytes, &config.cluster) {
+        Ok(_) => Ok((kind, key, bytes)),
+        Err(error) => Err(format!("not published: {error}")),
+    }
 }
 
 /// The result being built, and the one gate every value passes.
@@ -160,19 +199,22 @@ impl<'a> Out<'a> {
     /// Adds `entry` if a peer would accept it from this cluster; otherwise warns about
     /// `object`. The first entry for a key wins (callers resolve expected clashes first).
     fn emit(&mut self, object: &str, entry: Entry) {
-        let kind = entry.kind();
-        let key = entry.key().to_string();
-        let bytes = entry.encode();
-        if let Err(error) = validate_entry(kind, &key, &bytes, &self.config.cluster) {
-            self.warn(object, format!("not published: {error}"));
-            return;
-        }
-        let entries = self.published.entries.entry(kind).or_default();
-        if entries.contains_key(&key) {
+        let encoded = encode(self.config, entry);
+        self.insert(object, &encoded);
+    }
+
+    /// Adds an entry [`encode`]d before (or warns why it is not published).
+    fn insert(&mut self, object: &str, encoded: &Encoded) {
+        let (kind, key, bytes) = match encoded {
+            Ok(entry) => entry,
+            Err(message) => return self.warn(object, message.clone()),
+        };
+        let entries = self.published.entries.entry(*kind).or_default();
+        if entries.contains_key(key) {
             self.warn(object, format!("not published: {key} is already published"));
             return;
         }
-        entries.insert(key, bytes);
+        entries.insert(key.clone(), bytes.clone());
     }
 }
 

@@ -5,15 +5,18 @@
 //! `Failed`). Every live pod's label set gets an identity, even before the pod has an IP, so
 //! peers can know it before traffic arrives; live pods with IPs get ip→identity entries.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use cluster_source::{ClusterObjects, NamespacedName, ObjectKind};
 use k8s_openapi::api::core::v1::Pod;
 use model::label::K8S_SOURCE;
-use model::{DnsLabel, DnsSubdomain, Entry, Identity, IpIdentity, IpPrefix, Label};
+use model::{
+    DnsLabel, DnsSubdomain, Entry, Identity, IpIdentity, IpPrefix, Label, NumericIdentity,
+};
 
-use super::{Out, object_name};
+use super::{Encoded, Out, TranslateConfig, object_name};
 use crate::identity::{AllocError, IdentityAllocator, LabelSet, identity_object};
 
 /// The label every identity carries with its pods' namespace; policies select by it.
@@ -23,87 +26,157 @@ pub const NAMESPACE_LABEL_KEY: &str = "io.kubernetes.pod.namespace";
 /// the mesh, never by a pod: a pod setting them could pose as another cluster's workload.
 const RESERVED_KEY_PREFIX: &str = "io.cilium.k8s.";
 
-struct LivePod<'a> {
-    key: &'a NamespacedName,
-    pod: &'a Pod,
+/// What one pod contributes whatever the other pods are, kept from one translation to the
+/// next: with 100k pods, an edit then reads and encodes only the pods it replaced (sources
+/// share unchanged objects, so "unchanged" is "the same `Arc`").
+#[derive(Debug)]
+pub(super) struct PodFacts {
+    /// The pod these facts were read from.
+    pod: Arc<Pod>,
+    /// How warnings name the pod.
     object: String,
-    labels: LabelSet,
+    /// Its security labels; `None` when it is not live or its labels cannot be used.
+    labels: Option<LabelSet>,
+    /// Warnings about its labels.
+    label_warnings: Vec<String>,
+    host_ip: Option<IpAddr>,
+    namespace: Option<DnsLabel>,
+    pod_name: Option<DnsSubdomain>,
+    ips: Vec<IpAddr>,
+    /// Warnings about its addresses, reported only when it has an identity.
+    ip_warnings: Vec<String>,
+    /// The ip→identity entries of `ips`, encoded and checked, for the identity they were
+    /// encoded with.
+    encoded: Option<(NumericIdentity, Vec<Encoded>)>,
+}
+
+impl PodFacts {
+    fn read(key: &NamespacedName, pod: &Arc<Pod>, config: &TranslateConfig) -> PodFacts {
+        let object = object_name(ObjectKind::Pod, Some(&key.namespace), &key.name);
+        let mut facts = PodFacts {
+            pod: Arc::clone(pod),
+            object,
+            labels: None,
+            label_warnings: Vec::new(),
+            host_ip: None,
+            namespace: None,
+            pod_name: None,
+            ips: Vec::new(),
+            ip_warnings: Vec::new(),
+            encoded: None,
+        };
+        if host_network(pod) || finished(pod) {
+            return facts;
+        }
+        facts.labels = security_labels(key, pod, config, &mut facts.label_warnings);
+        let status = pod.status.as_ref();
+        facts.host_ip = status.and_then(|s| s.host_ip.as_deref()).and_then(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| {
+                    facts
+                        .ip_warnings
+                        .push(format!("hostIP {ip:?} is not an IP address; left out"));
+                })
+                .ok()
+        });
+        (facts.namespace, facts.pod_name) = match DnsLabel::new(key.namespace.as_str()) {
+            Ok(ns) => (Some(ns), DnsSubdomain::new(key.name.as_str()).ok()),
+            Err(_) => (None, None),
+        };
+        facts.ips = pod_ips(pod, &mut facts.ip_warnings);
+        facts
+    }
+
+    /// Encodes the pod's ip→identity entries for `identity`, unless they already are.
+    fn encode_for(&mut self, identity: NumericIdentity, config: &TranslateConfig) {
+        if self.encoded.as_ref().is_none_or(|(id, _)| *id != identity) {
+            let entries = self
+                .ips
+                .iter()
+                .map(|ip| {
+                    super::encode(
+                        config,
+                        Entry::Ip(IpIdentity {
+                            schema: Default::default(),
+                            ip: IpPrefix::host(*ip),
+                            identity,
+                            host_ip: self.host_ip,
+                            namespace: self.namespace.clone(),
+                            pod_name: self.pod_name.clone(),
+                            cluster: config.cluster.name.clone(),
+                        }),
+                    )
+                })
+                .collect();
+            self.encoded = Some((identity, entries));
+        }
+    }
 }
 
 pub(super) fn translate(
     objects: &ClusterObjects,
     identities: &mut IdentityAllocator,
+    cache: &mut HashMap<NamespacedName, PodFacts>,
     out: &mut Out,
 ) {
-    let mut live = Vec::new();
+    cache.retain(|key, _| objects.pods.contains_key(key));
     for (key, pod) in &objects.pods {
-        if host_network(pod) || finished(pod) {
-            continue;
-        }
-        let object = object_name(ObjectKind::Pod, Some(&key.namespace), &key.name);
-        if let Some(labels) = security_labels(key, pod, &object, out) {
-            live.push(LivePod {
-                key,
-                pod,
-                object,
-                labels,
-            });
+        let fresh = cache.get(key).is_some_and(|f| Arc::ptr_eq(&f.pod, pod));
+        if !fresh {
+            cache.insert(key.clone(), PodFacts::read(key, pod, out.config));
         }
     }
-    let in_use: BTreeSet<LabelSet> = live.iter().map(|p| p.labels.clone()).collect();
+    let mut in_use: BTreeSet<&LabelSet> = BTreeSet::new();
+    for key in objects.pods.keys() {
+        let facts = &cache[key];
+        for warning in &facts.label_warnings {
+            out.warn(&facts.object, warning.clone());
+        }
+        in_use.extend(facts.labels.as_ref());
+    }
     let failed = allocate(identities, &in_use);
+    drop(in_use);
 
     for (id, labels) in identities.iter() {
         let identity = Identity::new(id, labels.iter().cloned());
         out.emit(&identity_object(id), Entry::Identity(identity));
     }
 
-    let mut owners: BTreeMap<IpAddr, &str> = BTreeMap::new();
-    for pod in &live {
-        let Some(identity) = identities.get(&pod.labels) else {
+    let mut owners: BTreeMap<IpAddr, &NamespacedName> = BTreeMap::new();
+    for key in objects.pods.keys() {
+        let Some(facts) = cache.get_mut(key) else {
+            continue;
+        };
+        let Some(labels) = facts.labels.as_ref() else {
+            continue;
+        };
+        let Some(identity) = identities.get(labels) else {
             let reason = failed
-                .get(&pod.labels)
+                .get(labels)
                 .map_or_else(|| "no identity".to_owned(), ToString::to_string);
             out.warn(
-                &pod.object,
+                &facts.object,
                 format!("not given an identity ({reason}); its IPs are not published"),
             );
             continue;
         };
-        let status = pod.pod.status.as_ref();
-        let host_ip = status.and_then(|s| s.host_ip.as_deref()).and_then(|ip| {
-            ip.parse::<IpAddr>()
-                .map_err(|_| {
-                    out.warn(
-                        &pod.object,
-                        format!("hostIP {ip:?} is not an IP address; left out"),
-                    );
-                })
-                .ok()
-        });
-        let (namespace, pod_name) = match DnsLabel::new(pod.key.namespace.as_str()) {
-            Ok(ns) => (Some(ns), DnsSubdomain::new(pod.key.name.as_str()).ok()),
-            Err(_) => (None, None),
-        };
-        for ip in pod_ips(pod.pod, &pod.object, out) {
-            if let Some(owner) = owners.get(&ip) {
+        facts.encode_for(identity, out.config);
+        let facts = &*facts;
+        for warning in &facts.ip_warnings {
+            out.warn(&facts.object, warning.clone());
+        }
+        let entries = facts.encoded.as_ref().map_or(&[][..], |(_, e)| e);
+        for (ip, entry) in facts.ips.iter().zip(entries) {
+            if let Some(owner) = owners.get(ip) {
+                let owner = object_name(ObjectKind::Pod, Some(&owner.namespace), &owner.name);
                 out.warn(
-                    &pod.object,
+                    &facts.object,
                     format!("IP {ip} is also {owner}'s; published for that pod only"),
                 );
                 continue;
             }
-            owners.insert(ip, &pod.object);
-            let value = IpIdentity {
-                schema: Default::default(),
-                ip: IpPrefix::host(ip),
-                identity,
-                host_ip,
-                namespace: namespace.clone(),
-                pod_name: pod_name.clone(),
-                cluster: out.config.cluster.name.clone(),
-            };
-            out.emit(&pod.object, Entry::Ip(value));
+            owners.insert(*ip, key);
+            out.insert(&facts.object, entry);
         }
     }
 }
@@ -114,10 +187,11 @@ pub(super) fn translate(
 /// is full: then those that failed are retried after the release.
 fn allocate(
     identities: &mut IdentityAllocator,
-    in_use: &BTreeSet<LabelSet>,
+    in_use: &BTreeSet<&LabelSet>,
 ) -> BTreeMap<LabelSet, AllocError> {
     let failed: Vec<&LabelSet> = in_use
         .iter()
+        .copied()
         .filter(|labels| identities.allocate(labels).is_err())
         .collect();
     identities.release_unused(in_use);
@@ -152,16 +226,15 @@ fn finished(pod: &Pod) -> bool {
 fn security_labels(
     key: &NamespacedName,
     pod: &Pod,
-    object: &str,
-    out: &mut Out,
+    config: &TranslateConfig,
+    warnings: &mut Vec<String>,
 ) -> Option<LabelSet> {
     let mut labels = LabelSet::new();
     for (k, v) in pod.metadata.labels.iter().flatten() {
         if k == NAMESPACE_LABEL_KEY || k.starts_with(RESERVED_KEY_PREFIX) {
-            out.warn(
-                object,
-                format!("label {k} is set by the mesh, not by pods; left out of its identity"),
-            );
+            warnings.push(format!(
+                "label {k} is set by the mesh, not by pods; left out of its identity"
+            ));
             continue;
         }
         match Label::new(K8S_SOURCE, k, v) {
@@ -169,7 +242,7 @@ fn security_labels(
                 labels.insert(label);
             }
             Err(error) => {
-                out.warn(object, format!("not given an identity: {error}"));
+                warnings.push(format!("not given an identity: {error}"));
                 return None;
             }
         }
@@ -177,16 +250,16 @@ fn security_labels(
     match Label::new(K8S_SOURCE, NAMESPACE_LABEL_KEY, key.namespace.as_str()) {
         Ok(label) => labels.insert(label),
         Err(error) => {
-            out.warn(object, format!("not given an identity: {error}"));
+            warnings.push(format!("not given an identity: {error}"));
             return None;
         }
     };
-    labels.insert(Label::cluster(&out.config.cluster.name));
+    labels.insert(Label::cluster(&config.cluster.name));
     Some(labels)
 }
 
 /// `status.podIPs`, or the older `status.podIP`, each once.
-fn pod_ips(pod: &Pod, object: &str, out: &mut Out) -> Vec<IpAddr> {
+fn pod_ips(pod: &Pod, warnings: &mut Vec<String>) -> Vec<IpAddr> {
     let Some(status) = pod.status.as_ref() else {
         return Vec::new();
     };
@@ -199,10 +272,7 @@ fn pod_ips(pod: &Pod, object: &str, out: &mut Out) -> Vec<IpAddr> {
         match text.parse::<IpAddr>() {
             Ok(ip) if !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
-            Err(_) => out.warn(
-                object,
-                format!("pod IP {text:?} is not an IP address; left out"),
-            ),
+            Err(_) => warnings.push(format!("pod IP {text:?} is not an IP address; left out")),
         }
     }
     ips
@@ -602,7 +672,86 @@ mod tests {
         allocator
     }
 
+    /// Pods as (namespace, app, address) with addresses that clash (1) or do not parse (2),
+    /// so the cached path also has warnings to repeat.
+    fn messy_pod_set() -> impl Strategy<Value = Vec<(u8, u8, u8)>> {
+        prop::collection::vec((0u8..2, 0u8..4, 0u8..3), 0..10)
+    }
+
+    fn messy_objects(
+        pods: &[(u8, u8, u8)],
+        previous: &cluster_source::ClusterObjects,
+    ) -> cluster_source::ClusterObjects {
+        let docs = pods
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, app, address))| {
+                let ip = match address {
+                    0 => format!("10.2.0.{}", i + 1),
+                    1 => "10.9.9.9".to_owned(),
+                    _ => "not-an-ip".to_owned(),
+                };
+                pod(
+                    &format!("ns{ns}"),
+                    &format!("p{i}"),
+                    json!({"app": format!("app{app}")}),
+                    Some(&ip),
+                    "Running",
+                )
+            })
+            .collect();
+        let mut next = objects(docs);
+        // A source hands over the same object for a pod that did not change.
+        for (key, pod) in next.pods.iter_mut() {
+            if let Some(old) = previous.pods.get(key).filter(|old| *old == pod) {
+                *pod = old.clone();
+            }
+        }
+        next
+    }
+
     proptest! {
+        /// Translating with the cache of the previous translations gives exactly what a
+        /// translation from scratch gives (entries and warnings, in order), step after step,
+        /// also when identities run out.
+        #[test]
+        fn the_cache_changes_nothing_but_the_cost(
+            base in messy_pod_set(),
+            edits in prop::collection::vec(
+                prop::collection::vec((0usize..10, (0u8..2, 0u8..4, 0u8..3)), 0..3),
+                1..6,
+            ),
+            crowded in any::<bool>(),
+        ) {
+            // Each step edits a few pods of the previous one, as a manifest edit does.
+            let mut steps = vec![base];
+            for edit in edits {
+                let mut pods = steps.last().cloned().unwrap_or_default();
+                for (at, pod) in edit {
+                    match pods.len() {
+                        0 => pods.push(pod),
+                        n => pods[at % n] = pod,
+                    }
+                }
+                steps.push(pods);
+            }
+            let cfg = config();
+            let fresh = || match crowded {
+                true => IdentityAllocator::with_slots(&cfg.cluster, 3),
+                false => IdentityAllocator::new(&cfg.cluster).unwrap(),
+            };
+            let (mut cached_ids, mut plain_ids) = (fresh(), fresh());
+            let mut cache = super::super::TranslateCache::default();
+            let mut previous = cluster_source::ClusterObjects::default();
+            for pods in &steps {
+                let snapshot = messy_objects(pods, &previous);
+                let cached = super::super::translate_cached(&snapshot, &cfg, &mut cached_ids, &mut cache);
+                let plain = translate(&snapshot, &cfg, &mut plain_ids);
+                prop_assert_eq!(&cached, &plain);
+                previous = snapshot;
+            }
+        }
+
         /// A restart seeded from the previous run's published identities gives every label
         /// set still in use the id it had, whatever the sequence of pod sets, also when the
         /// range is crowded enough for homes to collide.

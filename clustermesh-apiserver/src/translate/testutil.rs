@@ -1,5 +1,7 @@
 //! Builders for the translation's tests: k8s-openapi objects from JSON literals.
 
+use std::sync::Arc;
+
 use cluster_source::{AnyObject, ClusterObjects};
 use model::keys::Kind;
 use model::{
@@ -34,11 +36,13 @@ pub(crate) fn objects(docs: Vec<Value>) -> ClusterObjects {
     for doc in docs {
         let kind = doc["kind"].as_str().expect("kind").to_owned();
         let object = match kind.as_str() {
-            "Namespace" => AnyObject::Namespace(serde_json::from_value(doc).unwrap()),
-            "Node" => AnyObject::Node(serde_json::from_value(doc).unwrap()),
-            "Service" => AnyObject::Service(serde_json::from_value(doc).unwrap()),
-            "EndpointSlice" => AnyObject::EndpointSlice(serde_json::from_value(doc).unwrap()),
-            "Pod" => AnyObject::Pod(serde_json::from_value(doc).unwrap()),
+            "Namespace" => AnyObject::Namespace(Arc::new(serde_json::from_value(doc).unwrap())),
+            "Node" => AnyObject::Node(Arc::new(serde_json::from_value(doc).unwrap())),
+            "Service" => AnyObject::Service(Arc::new(serde_json::from_value(doc).unwrap())),
+            "EndpointSlice" => {
+                AnyObject::EndpointSlice(Arc::new(serde_json::from_value(doc).unwrap()))
+            }
+            "Pod" => AnyObject::Pod(Arc::new(serde_json::from_value(doc).unwrap())),
             other => panic!("no builder for kind {other}"),
         };
         assert!(objects.insert(object).is_none(), "object given twice");
