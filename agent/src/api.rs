@@ -17,16 +17,16 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use daemon::health::Health;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::LostReason;
@@ -170,17 +170,18 @@ async fn peers(State(app): State<App>) -> Response {
     json(&app.status())
 }
 
-async fn readyz(State(app): State<App>) -> (StatusCode, Json<serde_json::Value>) {
-    let status = app.status();
-    let code = if status.local_synced {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        code,
-        Json(serde_json::json!({"ready": status.local_synced, "generation": status.generation})),
-    )
+/// Ready once the local cluster is synced.
+impl Health for Shared {
+    fn readiness(&self) -> (bool, serde_json::Value) {
+        let status = self.status();
+        let body =
+            serde_json::json!({"ready": status.local_synced, "generation": status.generation});
+        (status.local_synced, body)
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
 }
 
 /// Binds `addr` now (so a bad address fails at startup) and serves until `cancel`.
@@ -189,8 +190,6 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
     let app = Router::new()
         .route("/v1/services", get(services))
         .route("/v1/ipcache", get(ipcache))
@@ -198,19 +197,9 @@ pub async fn serve(
         .route("/v1/routes", get(routes))
         .route("/v1/peers", get(peers))
         .route("/v1/tables", get(tables))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|State(app): State<App>| async move { app.metrics.encode() }),
-        )
-        .with_state(shared);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await
-    });
-    Ok((local, task))
+        .with_state(shared.clone())
+        .merge(daemon::health::router(shared));
+    daemon::health::serve_router(addr, app, cancel).await
 }
 
 /// Why a request to the agent's API failed.

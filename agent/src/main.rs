@@ -15,9 +15,6 @@ use kvstore::client::{ClientConfig, TlsFiles};
 use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for a command line or configuration that cannot work (sysexits' EX_USAGE).
-const EXIT_USAGE: u8 = 64;
-
 #[derive(Parser, Debug)]
 #[command(
     name = "clustermesh-agent",
@@ -206,88 +203,35 @@ impl Args {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+/// What `main` runs: the agent, and where to write its API address once it listens.
+#[derive(Debug)]
+struct Launch {
+    config: AgentConfig,
+    api_addr_file: Option<PathBuf>,
+}
+
+fn launch(args: Args) -> anyhow::Result<Launch> {
+    let api_addr_file = args.api_addr_file.clone();
+    Ok(Launch {
+        config: args.config()?,
+        api_addr_file,
+    })
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
-    let api_addr_file = args.api_addr_file.clone();
-    let config = match args.config() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("clustermesh-agent: {error:#}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(error) => {
-            eprintln!("clustermesh-agent: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let cancel = CancellationToken::new();
-        let running = match agent::daemon::start(config, cancel.clone()).await {
-            Ok(running) => running,
-            Err(error) => {
-                eprintln!("clustermesh-agent: {error}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if let Some(path) = api_addr_file
-            && let Err(error) = std::fs::write(&path, running.api_addr.to_string())
-        {
-            eprintln!(
-                "clustermesh-agent: --api-addr-file {}: {error}",
-                path.display()
-            );
-            cancel.cancel();
-            running.wait().await;
-            return ExitCode::FAILURE;
-        }
-        shutdown_signal().await;
-        tracing::info!("shutting down");
+    daemon::main("clustermesh-agent", launch, run)
+}
+
+async fn run(launch: Launch, cancel: CancellationToken) -> anyhow::Result<()> {
+    let running = agent::daemon::start(launch.config, cancel.clone()).await?;
+    if let Some(path) = launch.api_addr_file
+        && let Err(error) = std::fs::write(&path, running.api_addr.to_string())
+    {
         cancel.cancel();
         running.wait().await;
-        ExitCode::SUCCESS
-    })
+        bail!("--api-addr-file {}: {error}", path.display());
+    }
+    cancel.cancelled().await;
+    running.wait().await;
+    Ok(())
 }

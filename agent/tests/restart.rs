@@ -102,3 +102,41 @@ async fn restarted_agent_keeps_every_entry_until_the_peer_resyncs() {
             .all(|(c, ip, _)| c == "a" || ip != "10.2.1.3")
     );
 }
+
+/// A command line that cannot work stops the agent before it starts anything: exit code 64
+/// (sysexits' EX_USAGE) and a message naming the flag.
+#[test]
+fn bad_flags_exit_64_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let (dir, file) = (dir.path().display().to_string(), file.display().to_string());
+    for (flag, value) in [
+        ("--cluster-name", "Not_A_Name"),
+        ("--cluster-id", "0"),
+        ("--manifests", file.as_str()),
+        ("--peers-dir", file.as_str()),
+        ("--datapath", "xdp"),
+        ("--api-listen", "not-an-address"),
+    ] {
+        let mut args = vec![
+            ("--cluster-name", "a"),
+            ("--cluster-id", "1"),
+            ("--manifests", dir.as_str()),
+        ];
+        args.retain(|(f, _)| *f != flag);
+        args.push((flag, value));
+        let args: Vec<&str> = args.iter().flat_map(|(f, v)| [*f, *v]).collect();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_clustermesh-agent"))
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run clustermesh-agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}:\n{stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: {flag} not named in:\n{stderr}"
+        );
+    }
+}

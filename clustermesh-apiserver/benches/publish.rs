@@ -280,38 +280,6 @@ fn generate(params: &Params, dir: &Path) -> Result<u64> {
 // Processes
 // ---------------------------------------------------------------------------------------
 
-fn kvstore_bin() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("KVSTORE_BIN") {
-        return Ok(bin.into());
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("no profile dir")?;
-    let target_dir = profile_dir.parent().ok_or("no target dir")?;
-    let bin = profile_dir.join("kvstore");
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo
-        .args(["build", "--quiet", "-p", "kvstore", "--bin", "kvstore"])
-        .arg("--target-dir")
-        .arg(target_dir);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cargo.arg("--release");
-    }
-    match cargo.status() {
-        Ok(status) if status.success() => Ok(bin),
-        other if bin.is_file() => {
-            eprintln!(
-                "[bench] warning: building kvstore failed ({other:?}); using {}",
-                bin.display()
-            );
-            Ok(bin)
-        }
-        other => Err(format!("cannot build kvstore ({other:?}); set KVSTORE_BIN").into()),
-    }
-}
-
 /// The apiserver process, SIGKILLed by its PID when dropped.
 struct Apiserver {
     child: Option<Child>,
@@ -738,7 +706,7 @@ async fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let bin = kvstore_bin()?;
+    let bin = testkit::kvstore_bin()?;
     let apiserver = Path::new(APISERVER);
     let (base_name, base, ours) = match &args.baseline {
         Some(old) => {

@@ -5,7 +5,7 @@
 //! that keeps the store equal to what [`translate`] says the cluster publishes, and the
 //! HTTP endpoints for health, readiness and metrics. One cancellation token stops them all.
 
-pub mod http;
+mod health;
 pub mod identity;
 pub mod metrics;
 pub mod publisher;
@@ -134,7 +134,11 @@ pub async fn start(
     let (status_tx, status) = watch::channel(PublisherStatus::default());
     let health_addr = match config.health_listen {
         Some(addr) => {
-            let (local, _task) = http::serve(addr, status.clone(), metrics.clone(), cancel.clone())
+            let health = Arc::new(health::ApiserverHealth {
+                status: status.clone(),
+                metrics: metrics.clone(),
+            });
+            let (local, _task) = daemon::health::serve(addr, health, cancel.clone())
                 .await
                 .map_err(|source| ApiserverError::Health { addr, source })?;
             Some(local)

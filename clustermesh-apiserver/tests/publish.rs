@@ -13,11 +13,12 @@
 //! Nothing here asserts on time: conditions are awaited with generous timeouts, and the
 //! latencies measured on the way are printed (`cargo test -- --nocapture` shows them).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -27,89 +28,18 @@ use model::{
     Capabilities, ClusterConfig, ClusterId, ClusterName, Entry, MaxConnectedClusters,
     validate_cluster_config, validate_entry,
 };
-use testkit::{Backend, StoreOptions, StoreProcess, TestPki};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use testkit::TestPki;
+
+use common::*;
 
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
 
-/// How long any awaited condition may take: generous, the machine is shared.
-const TIMEOUT: Duration = Duration::from_secs(90);
-/// How often a condition is polled.
-const POLL: Duration = Duration::from_millis(10);
-const APISERVER: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
 const CLUSTER: &str = "eu-1";
 
 /// The kinds the apiserver publishes, each with its canary.
 const KINDS: [Kind; 4] = [Kind::Identities, Kind::Ip, Kind::Nodes, Kind::Services];
-
-/// Which store a scenario publishes into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Which {
-    Etcd,
-    Ours,
-}
-
-/// Our store's binary: `$KVSTORE_BIN`, or `kvstore` built into this target dir.
-fn kvstore_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("KVSTORE_BIN") {
-            return bin.into();
-        }
-        let exe = std::env::current_exe().expect("current exe");
-        // target/<profile>/deps/<test> → target/<profile>
-        let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let bin = profile_dir.join("kvstore");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args(["build", "--quiet", "-p", "kvstore", "--bin", "kvstore"])
-            .arg("--target-dir")
-            .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cargo.arg("--release");
-        }
-        match cargo.status() {
-            Ok(status) if status.success() => {}
-            other if bin.is_file() => {
-                eprintln!(
-                    "warning: building kvstore failed ({other:?}); using the existing {}",
-                    bin.display()
-                );
-            }
-            other => panic!("cannot build the kvstore binary ({other:?}); set KVSTORE_BIN"),
-        }
-        bin
-    })
-    .clone()
-}
-
-/// A store process and a client of it.
-struct Store {
-    process: StoreProcess,
-    client: StoreClient,
-}
-
-impl Store {
-    async fn start(which: Which) -> Store {
-        let backend = match which {
-            Which::Etcd => Backend::Etcd,
-            Which::Ours => Backend::Embedded { bin: kvstore_bin() },
-        };
-        let process = StoreProcess::start(backend, StoreOptions::default())
-            .await
-            .unwrap_or_else(|e| panic!("start {which:?} store: {e}"));
-        let client = connect(ClientConfig::new([process.endpoint()])).await;
-        Store { process, client }
-    }
-}
-
-async fn connect(mut config: ClientConfig) -> StoreClient {
-    config.request_timeout = Duration::from_secs(15);
-    StoreClient::connect(&config).await.expect("connect store")
-}
 
 /// One key as read back from the store.
 #[derive(Debug, Clone)]
@@ -145,249 +75,6 @@ async fn dump(client: &StoreClient) -> BTreeMap<String, Stored> {
 fn key_set(dump: &BTreeMap<String, Stored>) -> BTreeSet<String> {
     dump.keys().cloned().collect()
 }
-
-/// Polls `check` until it returns `Some`, failing after [`TIMEOUT`].
-async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// A running `clustermesh-apiserver`, SIGKILLed (by its own PID) when dropped.
-struct Apiserver {
-    child: Option<Child>,
-    log: PathBuf,
-    health: Option<SocketAddr>,
-    store: Option<String>,
-}
-
-impl Apiserver {
-    fn spawn(args: &[String], log_dir: &Path, name: &str) -> Apiserver {
-        let log = log_dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("create apiserver log");
-        let child = Command::new(APISERVER)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("dup log"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn clustermesh-apiserver");
-        Apiserver {
-            child: Some(child),
-            log,
-            health: None,
-            store: None,
-        }
-    }
-
-    /// The log so far, without terminal colours.
-    fn log(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    /// Waits for the "started" line and reads the health and store addresses from it.
-    async fn started(&mut self) -> SocketAddr {
-        let line = wait_for("the apiserver to start", async || {
-            if let Some(status) = self.exited() {
-                panic!("apiserver exited with {status}:\n{}", self.log());
-            }
-            self.log()
-                .lines()
-                .find(|l| l.contains("clustermesh-apiserver started"))
-                .map(str::to_owned)
-        })
-        .await;
-        let health = between(&line, "health=Some(", ")")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no health address in {line:?}"));
-        self.store = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("store="))
-            .map(str::to_owned);
-        self.health = Some(health);
-        health
-    }
-
-    /// Polls `/readyz` until 200; returns how many 503s were seen before.
-    async fn ready(&mut self) -> usize {
-        let health = match self.health {
-            Some(h) => h,
-            None => self.started().await,
-        };
-        let mut not_ready = 0;
-        wait_for("/readyz 200", async || {
-            if let Some(status) = self.exited() {
-                panic!("apiserver exited with {status}:\n{}", self.log());
-            }
-            let (code, body) = http_get(health, "/readyz").await.ok()?;
-            match code {
-                200 => Some(()),
-                503 => {
-                    assert!(body.contains("\"ready\":false"), "{body}");
-                    not_ready += 1;
-                    None
-                }
-                other => panic!("/readyz answered {other}: {body}"),
-            }
-        })
-        .await;
-        not_ready
-    }
-
-    fn health(&self) -> SocketAddr {
-        self.health.expect("started")
-    }
-
-    /// SIGKILL, by the child's own PID, and reap it.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Apiserver {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- apiserver log {} ---\n{}",
-                self.log.display(),
-                self.log()
-            );
-        }
-    }
-}
-
-fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
-    let rest = &text[text.find(start)? + start.len()..];
-    Some(&rest[..rest.find(end)?])
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// A plain HTTP/1.1 GET: the status code and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let request = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut buf = Vec::new();
-        stream.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(10), request)
-        .await
-        .map_err(|_| std::io::Error::other("HTTP request timed out"))??;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-/// A temp dir holding a copy of fixture `name`, plus room for logs.
-struct Workdir {
-    dir: tempfile::TempDir,
-}
-
-impl Workdir {
-    fn new(fixture: &str) -> Workdir {
-        let dir = tempfile::Builder::new()
-            .prefix("apiserver-publish-")
-            .tempdir()
-            .expect("temp dir");
-        let manifests = dir.path().join("manifests");
-        std::fs::create_dir(&manifests).expect("manifest dir");
-        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(fixture);
-        for entry in std::fs::read_dir(&src).expect("fixture dir") {
-            let path = entry.expect("fixture entry").path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                std::fs::copy(&path, manifests.join(path.file_name().expect("name")))
-                    .expect("copy fixture");
-            }
-        }
-        Workdir { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn manifests(&self) -> PathBuf {
-        self.dir.path().join("manifests")
-    }
-
-    /// Replaces a manifest file atomically (a dot-file renamed into place), so the source
-    /// never reads half of it.
-    fn write(&self, name: &str, contents: &str) {
-        let tmp = self.manifests().join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, contents).expect("write manifest");
-        std::fs::rename(&tmp, self.manifests().join(name)).expect("rename manifest");
-    }
-
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.manifests().join(name)).expect("read manifest")
-    }
-
-    fn remove(&self, name: &str) {
-        std::fs::remove_file(self.manifests().join(name)).expect("remove manifest");
-    }
-
-    /// Drops the one `---`-separated document of `file` that contains `needle`.
-    fn remove_document(&self, file: &str, needle: &str) {
-        let text = self.read(file);
-        let docs: Vec<&str> = text.split("\n---\n").collect();
-        let kept: Vec<&str> = docs
-            .iter()
-            .copied()
-            .filter(|d| !d.contains(needle))
-            .collect();
-        assert_eq!(kept.len() + 1, docs.len(), "{needle:?} in {file}");
-        self.write(file, &kept.join("\n---\n"));
-    }
-}
-
 fn cluster_config() -> ClusterConfig {
     ClusterConfig::new(
         ClusterName::new(CLUSTER).unwrap(),
@@ -644,7 +331,7 @@ async fn check_metrics(health: SocketAddr, state: &BTreeSet<String>) {
 /// `/readyz` turns 200 only once they are all in the store; `/metrics` counts them.
 async fn publishes_exactly_the_fixture(which: Which) {
     let store = Store::start(which).await;
-    let work = Workdir::new("eu-1");
+    let work = Workdir::new(&["eu-1"]);
     let started = Instant::now();
     let mut api = Apiserver::spawn(&args(&store, &work, "3s"), work.path(), "apiserver");
     let health = api.started().await;
@@ -684,7 +371,7 @@ async fn publishes_exactly_the_fixture(which: Which) {
 /// Editing, adding and deleting manifest files changes the store.
 async fn manifest_changes_reach_the_store(which: Which) {
     let store = Store::start(which).await;
-    let work = Workdir::new("eu-1");
+    let work = Workdir::new(&["eu-1"]);
     let mut api = Apiserver::spawn(&args(&store, &work, "3s"), work.path(), "apiserver");
     api.ready().await;
     let client = &store.client;
@@ -812,7 +499,7 @@ status: {phase: Running, hostIP: 192.0.2.12, podIP: 10.2.3.17, podIPs: [{ip: 10.
 /// canaries, cluster config, heartbeat) expires with it.
 async fn sigkill_lets_every_key_expire(which: Which) {
     let store = Store::start(which).await;
-    let work = Workdir::new("eu-1");
+    let work = Workdir::new(&["eu-1"]);
     let mut api = Apiserver::spawn(&args(&store, &work, "3s"), work.path(), "apiserver");
     api.ready().await;
     let before = dump(&store.client).await;
@@ -838,7 +525,7 @@ async fn sigkill_lets_every_key_expire(which: Which) {
 async fn restart_removes_stale_keys_before_canaries(which: Which) {
     let store = Store::start(which).await;
     let client = &store.client;
-    let work = Workdir::new("eu-1");
+    let work = Workdir::new(&["eu-1"]);
     // The first life uses a long lease, so that its keys are certainly still there when the
     // second life starts (however slow the machine): the deletions seen below are then the
     // apiserver's, not the lease's.
@@ -983,7 +670,7 @@ async fn restart_removes_stale_keys_before_canaries(which: Which) {
 /// The heartbeat is rewritten every --heartbeat-interval: its mod_revision grows.
 async fn heartbeat_is_rewritten(which: Which) {
     let store = Store::start(which).await;
-    let work = Workdir::new("eu-1");
+    let work = Workdir::new(&["eu-1"]);
     let mut args = args(&store, &work, "3s");
     args.extend(["--heartbeat-interval".to_owned(), "1s".to_owned()]);
     let mut api = Apiserver::spawn(&args, work.path(), "apiserver");
@@ -1017,7 +704,7 @@ async fn heartbeat_is_rewritten(which: Which) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_while_the_lease_is_lost() {
     let store = Store::start(Which::Etcd).await;
-    let work = Workdir::new("eu-1");
+    let work = Workdir::new(&["eu-1"]);
     let mut api = Apiserver::spawn(&args(&store, &work, "3s"), work.path(), "apiserver");
     api.ready().await;
     store.process.freeze();
@@ -1119,7 +806,7 @@ fn is_permission_denied(error: &kvstore::client::Error) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_store_serves_peers_read_only() {
     let pki = Arc::new(TestPki::generate());
-    let work = Workdir::new("eu-1");
+    let work = Workdir::new(&["eu-1"]);
     let args = embedded_args(&work, &pki, "admin-eu-1");
     let mut api = Apiserver::spawn(&args, work.path(), "apiserver");
     api.started().await;
@@ -1200,7 +887,7 @@ async fn embedded_store_serves_peers_read_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_while_the_store_refuses_the_publisher() {
     let pki = Arc::new(TestPki::generate());
-    let work = Workdir::new("eu-1");
+    let work = Workdir::new(&["eu-1"]);
     let args = embedded_args(&work, &pki, "remote-b");
     let mut api = Apiserver::spawn(&args, work.path(), "apiserver");
     let health = api.started().await;

@@ -7,304 +7,21 @@
 //! from `$KVSTORE_BIN` or built into this target dir on first use). Nothing here asserts on
 //! time.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+mod common;
 
-use kvstore::client::{ClientConfig, StoreClient};
+use std::collections::BTreeSet;
+
 use model::keys::Kind;
 use model::{
     Capabilities, ClusterConfig, ClusterId, ClusterName, Entry, Identity, Label,
     MaxConnectedClusters, NumericIdentity, StoreValue, validate_cluster_config, validate_entry,
 };
-use testkit::{Backend, StoreOptions, StoreProcess};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::*;
 
 // ---------------------------------------------------------------------------------------
-// Harness (the same as tests/publish.rs, trimmed)
+// Harness
 // ---------------------------------------------------------------------------------------
-
-const TIMEOUT: Duration = Duration::from_secs(90);
-const POLL: Duration = Duration::from_millis(20);
-const APISERVER: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
-/// sysexits' EX_USAGE: the apiserver's exit code for a command line that cannot work.
-const EXIT_USAGE: i32 = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Which {
-    Etcd,
-    Ours,
-}
-
-fn kvstore_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("KVSTORE_BIN") {
-            return bin.into();
-        }
-        let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let bin = profile_dir.join("kvstore");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args(["build", "--quiet", "-p", "kvstore", "--bin", "kvstore"])
-            .arg("--target-dir")
-            .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cargo.arg("--release");
-        }
-        match cargo.status() {
-            Ok(status) if status.success() => {}
-            other if bin.is_file() => {
-                eprintln!(
-                    "warning: building kvstore failed ({other:?}); using the existing {}",
-                    bin.display()
-                );
-            }
-            other => panic!("cannot build the kvstore binary ({other:?}); set KVSTORE_BIN"),
-        }
-        bin
-    })
-    .clone()
-}
-
-struct Store {
-    process: StoreProcess,
-    client: StoreClient,
-}
-
-impl Store {
-    async fn start(which: Which) -> Store {
-        let backend = match which {
-            Which::Etcd => Backend::Etcd,
-            Which::Ours => Backend::Embedded { bin: kvstore_bin() },
-        };
-        let process = StoreProcess::start(backend, StoreOptions::default())
-            .await
-            .unwrap_or_else(|e| panic!("start {which:?} store: {e}"));
-        let mut config = ClientConfig::new([process.endpoint()]);
-        config.request_timeout = Duration::from_secs(15);
-        let client = StoreClient::connect(&config).await.expect("connect store");
-        Store { process, client }
-    }
-
-    /// Key → value under `prefix`.
-    async fn read(&self, prefix: &str) -> BTreeMap<String, Vec<u8>> {
-        let listing = self.client.raw().list_prefix(prefix).await.expect("list");
-        listing
-            .entries
-            .into_iter()
-            .map(|e| (e.key, e.value))
-            .collect()
-    }
-}
-
-async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// A `clustermesh-apiserver` process, SIGKILLed by its own PID when dropped.
-struct Apiserver {
-    child: Option<Child>,
-    log: PathBuf,
-    health: Option<SocketAddr>,
-}
-
-impl Apiserver {
-    fn spawn(args: &[String], log_dir: &Path) -> Apiserver {
-        let log = log_dir.join("apiserver.log");
-        let file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(APISERVER)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("dup log"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn clustermesh-apiserver");
-        Apiserver {
-            child: Some(child),
-            log,
-            health: None,
-        }
-    }
-
-    fn log(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    /// Waits for the process to exit on its own (killing it after [`TIMEOUT`]).
-    async fn exit(&mut self) -> ExitStatus {
-        let status = wait_for("the apiserver to exit", async || self.exited()).await;
-        self.child = None;
-        status
-    }
-
-    async fn ready(&mut self) {
-        let line = wait_for("the apiserver to start", async || {
-            if let Some(status) = self.exited() {
-                panic!("apiserver exited with {status}:\n{}", self.log());
-            }
-            self.log()
-                .lines()
-                .find(|l| l.contains("clustermesh-apiserver started"))
-                .map(str::to_owned)
-        })
-        .await;
-        let health: SocketAddr = line
-            .split_once("health=Some(")
-            .and_then(|(_, rest)| rest.split_once(')'))
-            .and_then(|(addr, _)| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no health address in {line:?}"));
-        self.health = Some(health);
-        wait_for("/readyz 200", async || {
-            if let Some(status) = self.exited() {
-                panic!("apiserver exited with {status}:\n{}", self.log());
-            }
-            let (code, _) = http_get(health, "/readyz").await.ok()?;
-            (code == 200).then_some(())
-        })
-        .await;
-    }
-
-    /// Waits until the log holds a line with every one of `needles`; returns it.
-    async fn logged(&self, needles: &[&str]) -> String {
-        wait_for(&format!("a log line with {needles:?}"), async || {
-            self.log()
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-                .map(str::to_owned)
-        })
-        .await
-    }
-}
-
-impl Drop for Apiserver {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- apiserver log {} ---\n{}",
-                self.log.display(),
-                self.log()
-            );
-        }
-    }
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let request = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut buf = Vec::new();
-        stream.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(10), request)
-        .await
-        .map_err(|_| std::io::Error::other("HTTP request timed out"))??;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-/// A temp dir with `manifests/`, a copy of the fixtures named.
-struct Workdir {
-    dir: tempfile::TempDir,
-}
-
-impl Workdir {
-    fn new(fixtures: &[&str]) -> Workdir {
-        let dir = tempfile::Builder::new()
-            .prefix("apiserver-validation-")
-            .tempdir()
-            .expect("temp dir");
-        let work = Workdir { dir };
-        std::fs::create_dir(work.manifests()).expect("manifest dir");
-        for fixture in fixtures {
-            let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures")
-                .join(fixture);
-            for entry in std::fs::read_dir(&src).expect("fixture dir") {
-                let path = entry.expect("fixture entry").path();
-                if path.extension().is_some_and(|e| e == "yaml") {
-                    let target = work.manifests().join(path.file_name().expect("name"));
-                    assert!(!target.exists(), "{} twice", target.display());
-                    std::fs::copy(&path, target).expect("copy fixture");
-                }
-            }
-        }
-        work
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn manifests(&self) -> PathBuf {
-        self.dir.path().join("manifests")
-    }
-
-    fn write(&self, name: &str, contents: &str) {
-        let tmp = self.manifests().join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, contents).expect("write manifest");
-        std::fs::rename(&tmp, self.manifests().join(name)).expect("rename manifest");
-    }
-
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.manifests().join(name)).expect("read manifest")
-    }
-}
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
@@ -469,7 +186,7 @@ async fn bad_flags_exit_64_naming_the_flag() {
             "--health-listen",
             "127.0.0.1:0",
         ]);
-        let mut api = Apiserver::spawn(&strings(&args), work.path());
+        let mut api = Apiserver::spawn(&strings(&args), work.path(), "apiserver");
         let status = api.exit().await;
         let log = api.log();
         assert_eq!(status.code(), Some(EXIT_USAGE), "{args:?}:\n{log}");
@@ -491,7 +208,7 @@ async fn bad_flags_exit_64_naming_the_flag() {
             vec!["--cluster-name", "eu-1", "--manifests", &manifests],
         ),
     ] {
-        let mut api = Apiserver::spawn(&strings(&args), work.path());
+        let mut api = Apiserver::spawn(&strings(&args), work.path(), "apiserver");
         let status = api.exit().await;
         let log = api.log();
         assert_eq!(status.code(), Some(EXIT_USAGE), "{args:?}:\n{log}");
@@ -517,7 +234,7 @@ async fn manifests_must_be_a_directory() {
         "--health-listen",
         "127.0.0.1:0",
     ]);
-    let mut api = Apiserver::spawn(&args, work.path());
+    let mut api = Apiserver::spawn(&args, work.path(), "apiserver");
     let status = api.exit().await;
     let log = api.log();
     assert_eq!(status.code(), Some(EXIT_USAGE), "{log}");
@@ -534,7 +251,7 @@ async fn cluster_id_300_is_valid_with_511_clusters(which: Which) {
     let store = Store::start(which).await;
     let work = Workdir::new(&["eu-1"]);
     let extra = ["--cluster-id", "300", "--max-connected-clusters", "511"];
-    let mut api = Apiserver::spawn(&args(&store, &work, &extra), work.path());
+    let mut api = Apiserver::spawn(&args(&store, &work, &extra), work.path(), "apiserver");
     api.ready().await;
     let config = cluster(300, MaxConnectedClusters::Max511);
     let stored = store.read(&config.key()).await;
@@ -582,7 +299,7 @@ async fn duplicate_stored_identities_resolve_to_one(which: Which) {
     }
 
     let work = Workdir::new(&["eu-1"]);
-    let mut api = Apiserver::spawn(&args(&store, &work, &[]), work.path());
+    let mut api = Apiserver::spawn(&args(&store, &work, &[]), work.path(), "apiserver");
     api.ready().await;
     let line = api
         .logged(&[
@@ -616,7 +333,7 @@ async fn duplicate_stored_identities_resolve_to_one(which: Which) {
 async fn bad_annotations_are_warned_about_and_the_rest_published(which: Which) {
     let store = Store::start(which).await;
     let work = Workdir::new(&["eu-1", "odd-annotations"]);
-    let mut api = Apiserver::spawn(&args(&store, &work, &[]), work.path());
+    let mut api = Apiserver::spawn(&args(&store, &work, &[]), work.path(), "apiserver");
     api.ready().await;
     for needles in [
         &[
@@ -647,7 +364,7 @@ async fn bad_annotations_are_warned_about_and_the_rest_published(which: Which) {
         unreachable!()
     };
     assert_eq!(service.frontends.len(), 1);
-    let (_, metrics) = http_get(api.health.unwrap(), "/metrics").await.unwrap();
+    let (_, metrics) = http_get(api.health(), "/metrics").await.unwrap();
     // eu-1's default/legacy, shop/odd's two, shop/odd-global's one.
     assert!(
         metrics
@@ -663,7 +380,7 @@ async fn bad_annotations_are_warned_about_and_the_rest_published(which: Which) {
 async fn broken_manifest_is_reported_and_the_rest_keeps_publishing(which: Which) {
     let store = Store::start(which).await;
     let work = Workdir::new(&["eu-1", "broken"]);
-    let mut api = Apiserver::spawn(&args(&store, &work, &[]), work.path());
+    let mut api = Apiserver::spawn(&args(&store, &work, &[]), work.path(), "apiserver");
     api.ready().await;
     let line = api
         .logged(&["broken.yaml:10", "cluster source problem"])

@@ -1,7 +1,10 @@
 //! What every daemon binary of the mesh shares, so each `main.rs` only parses its flags into
 //! a configuration and starts its library: logging to stderr (`RUST_LOG`, default `info`),
 //! exit code 64 for a command line or configuration that cannot work, a multi-threaded
-//! runtime, and one cancellation token that SIGTERM or Ctrl-C fires.
+//! runtime, one cancellation token that SIGTERM or Ctrl-C fires, and the [`health`]
+//! endpoints.
+
+pub mod health;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -28,6 +31,8 @@ where
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in log files and pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = match A::try_parse() {
         Ok(args) => args,

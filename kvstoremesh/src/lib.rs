@@ -15,7 +15,7 @@
 
 mod backoff;
 mod board;
-mod http;
+mod health;
 mod local;
 mod metrics;
 mod mirror;
@@ -278,9 +278,16 @@ pub async fn start(config: MeshConfig, cancel: CancellationToken) -> Result<Runn
     ));
     let http = match config.health_listen {
         Some(addr) => Some(
-            http::serve(addr, board.clone(), metrics.clone(), cancel.clone())
-                .await
-                .map_err(|source| Error::Http { addr, source })?,
+            daemon::health::serve(
+                addr,
+                Arc::new(health::MeshHealth {
+                    board: board.clone(),
+                    metrics: metrics.clone(),
+                }),
+                cancel.clone(),
+            )
+            .await
+            .map_err(|source| Error::Http { addr, source })?,
         ),
         None => None,
     };

@@ -299,10 +299,7 @@ async fn killed_and_wiped_etcd_peer_recovers_without_stale_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_and_wiped_embedded_peer_recovers_without_stale_keys() {
-    let Some(bin) = kvstore_bin() else {
-        println!("SKIPPED: no kvstore binary (build it, or set KVSTORE_BIN)");
-        return;
-    };
+    let bin = testkit::kvstore_bin().expect("our store's binary");
     killed_peer_recovers(testkit::Backend::Embedded { bin }).await;
 }
 

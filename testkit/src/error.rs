@@ -73,6 +73,10 @@ pub enum Error {
         log_tail: String,
     },
 
+    /// Our store's binary could not be built (and none was left by an earlier build).
+    #[error("{0}")]
+    Build(String),
+
     /// The etcd client could not be built (bad endpoint or TLS material).
     #[error("etcd client: {0}")]
     Client(#[from] etcd_client::Error),

@@ -6,10 +6,12 @@
 //! so tests run in parallel without sharing state, and the child is SIGKILLed on drop so a
 //! failing test does not leak servers.
 
+mod bin;
 mod error;
 mod pki;
 mod process;
 
+pub use bin::kvstore_bin;
 pub use error::Error;
 pub use pki::{CertFiles, TestPki};
 pub use process::{Backend, DEFAULT_STARTUP_TIMEOUT, StoreOptions, StoreProcess, backends};

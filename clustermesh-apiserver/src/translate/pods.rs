@@ -26,6 +26,30 @@ pub const NAMESPACE_LABEL_KEY: &str = "io.kubernetes.pod.namespace";
 /// the mesh, never by a pod: a pod setting them could pose as another cluster's workload.
 const RESERVED_KEY_PREFIX: &str = "io.cilium.k8s.";
 
+/// Label keys that say nothing about what a pod is, only about how it was rolled out:
+/// Cilium's default identity-relevant label filter, which leaves out every key that
+/// contains one of these. Keeping them would mint a new identity per rollout
+/// (`pod-template-hash`) or per pod (`statefulset.kubernetes.io/pod-name`), and peers would
+/// learn identities their policies never select. (Cilium's `kubernetes.io` entry also
+/// covers `app.kubernetes.io/*`, the `beta.kubernetes.io`, `statefulset.kubernetes.io`,
+/// `apps.kubernetes.io` and `batch.kubernetes.io` ones.)
+const IRRELEVANT_KEY_PARTS: [&str; 8] = [
+    "io.kubernetes",
+    "kubernetes.io",
+    "k8s.io",
+    "pod-template-generation",
+    "pod-template-hash",
+    "controller-revision-hash",
+    "controller-uid",
+    "etcd_node",
+];
+
+/// Whether a pod label key is left out of identities (see [`IRRELEVANT_KEY_PARTS`]; keys
+/// starting with `annotation` are Cilium's annotation labels, also left out).
+fn identity_irrelevant(key: &str) -> bool {
+    key.starts_with("annotation") || IRRELEVANT_KEY_PARTS.iter().any(|part| key.contains(part))
+}
+
 /// What one pod contributes whatever the other pods are, kept from one translation to the
 /// next: with 100k pods, an edit then reads and encodes only the pods it replaced (sources
 /// share unchanged objects, so "unchanged" is "the same `Arc`").
@@ -220,7 +244,8 @@ fn finished(pod: &Pod) -> bool {
     )
 }
 
-/// `k8s:<key>=<value>` per pod label, the namespace label and the cluster label; `None` (with
+/// `k8s:<key>=<value>` per identity-relevant pod label, the namespace label and the cluster
+/// label; `None` (with
 /// a warning) when a label cannot be written as a security label, because an identity
 /// without it would stand for other pods.
 fn security_labels(
@@ -235,6 +260,9 @@ fn security_labels(
             warnings.push(format!(
                 "label {k} is set by the mesh, not by pods; left out of its identity"
             ));
+            continue;
+        }
+        if identity_irrelevant(k) {
             continue;
         }
         match Label::new(K8S_SOURCE, k, v) {
@@ -304,6 +332,61 @@ mod tests {
 
     fn labels_of(identity: &Identity) -> Vec<String> {
         identity.labels.iter().map(ToString::to_string).collect()
+    }
+
+    /// Two rollouts of one Deployment and the pods of a StatefulSet share one identity each:
+    /// the labels Kubernetes adds per rollout or per pod are not identity-relevant.
+    #[test]
+    fn rollout_labels_do_not_mint_identities() {
+        let docs = vec![
+            pod(
+                "shop",
+                "web-7d4f9-a",
+                json!({"app": "web", "pod-template-hash": "7d4f9"}),
+                Some("10.2.1.1"),
+                "Running",
+            ),
+            pod(
+                "shop",
+                "web-5c8b1-b",
+                json!({"app": "web", "pod-template-hash": "5c8b1",
+                       "app.kubernetes.io/name": "web"}),
+                Some("10.2.1.2"),
+                "Running",
+            ),
+            pod(
+                "shop",
+                "db-0",
+                json!({"app": "db", "controller-revision-hash": "db-6f",
+                       "statefulset.kubernetes.io/pod-name": "db-0"}),
+                Some("10.2.1.3"),
+                "Running",
+            ),
+            pod(
+                "shop",
+                "db-1",
+                json!({"app": "db", "controller-revision-hash": "db-6f",
+                       "statefulset.kubernetes.io/pod-name": "db-1"}),
+                Some("10.2.1.4"),
+                "Running",
+            ),
+        ];
+        let published = translate_all(&objects(docs), &config());
+        assert!(published.warnings.is_empty(), "{:?}", published.warnings);
+        let identities: Vec<Identity> = values(&published, Kind::Identities);
+        let labels: BTreeSet<Vec<String>> = identities.iter().map(labels_of).collect();
+        let expected = |app: &str| {
+            vec![
+                format!("k8s:app={app}"),
+                "k8s:io.cilium.k8s.policy.cluster=eu-1".to_owned(),
+                "k8s:io.kubernetes.pod.namespace=shop".to_owned(),
+            ]
+        };
+        assert_eq!(labels, BTreeSet::from([expected("db"), expected("web")]));
+        let ips: Vec<IpIdentity> = values(&published, Kind::Ip);
+        assert_eq!(ips.len(), 4);
+        assert_eq!(ips[0].identity, ips[1].identity);
+        assert_eq!(ips[2].identity, ips[3].identity);
     }
 
     #[test]

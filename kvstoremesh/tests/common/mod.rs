@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvstore::client::{ClientConfig, Op, StoreClient};
@@ -61,16 +61,6 @@ pub fn timing() -> Timing {
         backoff_max: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(5),
     }
-}
-
-/// The kvstore binary next to this test's target dir, if it was built.
-pub fn kvstore_bin() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("KVSTORE_BIN") {
-        return Some(bin.into());
-    }
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("kvstore");
-    bin.is_file().then_some(bin)
 }
 
 /// A store process and a client of it.

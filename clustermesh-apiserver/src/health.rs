@@ -1,0 +1,31 @@
+//! What the apiserver reports on its health endpoints ([`daemon::health`]): ready once the
+//! full state is published, with the entry counts and the last store error.
+
+use std::sync::Arc;
+
+use daemon::health::Health;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::publisher::PublisherStatus;
+
+pub(crate) struct ApiserverHealth {
+    pub(crate) status: watch::Receiver<PublisherStatus>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Health for ApiserverHealth {
+    fn readiness(&self) -> (bool, serde_json::Value) {
+        let status = self.status.borrow().clone();
+        let body = serde_json::json!({
+            "ready": status.ready,
+            "entries": status.entries,
+            "last_error": status.last_error,
+        });
+        (status.ready, body)
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+}
