@@ -23,10 +23,10 @@ mod services;
 #[cfg(test)]
 mod testutil;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 
-use cluster_source::{ClusterObjects, NamespacedName, ObjectKind, ObjectRef};
+use cluster_source::{ClusterObjects, ObjectKind, ObjectRef};
 use model::keys::Kind;
 use model::{ClusterConfig, Entry, validate_entry};
 
@@ -130,12 +130,14 @@ pub fn translate(
 
 /// What one translation keeps for the next, so that translating the next snapshot costs what
 /// changed in it rather than the size of the cluster: per pod, its labels, addresses and
-/// encoded entries, reused while the snapshot holds the same pod object (`Arc`).
+/// encoded entries, reused while the snapshot holds the same pod object (`Arc`); per global
+/// service, its entry, while the Service and its EndpointSlices are the same objects.
 #[derive(Debug, Default)]
 pub struct TranslateCache {
     /// The configuration the cached values were made with.
     config: Option<TranslateConfig>,
-    pods: HashMap<NamespacedName, pods::PodFacts>,
+    services: services::ServiceCache,
+    pods: pods::PodCache,
 }
 
 /// [`translate`], reusing (and refreshing) `cache`; the result is the same as without it.
@@ -146,12 +148,13 @@ pub fn translate_cached(
     cache: &mut TranslateCache,
 ) -> Published {
     if cache.config.as_ref() != Some(config) {
+        cache.services.clear();
         cache.pods.clear();
         cache.config = Some(config.clone());
     }
     let mut out = Out::new(config);
     nodes::translate(objects, &mut out);
-    services::translate(objects, &mut out);
+    services::translate(objects, &mut cache.services, &mut out);
     pods::translate(objects, identities, &mut cache.pods, &mut out);
     out.published
 }

@@ -5,12 +5,13 @@
 //! `Failed`). Every live pod's label set gets an identity, even before the pod has an IP, so
 //! peers can know it before traffic arrives; live pods with IPs get ip→identity entries.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use cluster_source::{ClusterObjects, NamespacedName, ObjectKind};
 use k8s_openapi::api::core::v1::Pod;
+use model::keys::Kind;
 use model::label::K8S_SOURCE;
 use model::{
     DnsLabel, DnsSubdomain, Entry, Identity, IpIdentity, IpPrefix, Label, NumericIdentity,
@@ -137,22 +138,18 @@ impl PodFacts {
     }
 }
 
+/// The cached facts of every pod, in the snapshot's (key) order.
+pub(super) type PodCache = Vec<(NamespacedName, PodFacts)>;
+
 pub(super) fn translate(
     objects: &ClusterObjects,
     identities: &mut IdentityAllocator,
-    cache: &mut HashMap<NamespacedName, PodFacts>,
+    cache: &mut PodCache,
     out: &mut Out,
 ) {
-    cache.retain(|key, _| objects.pods.contains_key(key));
-    for (key, pod) in &objects.pods {
-        let fresh = cache.get(key).is_some_and(|f| Arc::ptr_eq(&f.pod, pod));
-        if !fresh {
-            cache.insert(key.clone(), PodFacts::read(key, pod, out.config));
-        }
-    }
+    refresh(cache, objects, out.config);
     let mut in_use: BTreeSet<&LabelSet> = BTreeSet::new();
-    for key in objects.pods.keys() {
-        let facts = &cache[key];
+    for (_, facts) in cache.iter() {
         for warning in &facts.label_warnings {
             out.warn(&facts.object, warning.clone());
         }
@@ -167,10 +164,8 @@ pub(super) fn translate(
     }
 
     let mut owners: BTreeMap<IpAddr, &NamespacedName> = BTreeMap::new();
-    for key in objects.pods.keys() {
-        let Some(facts) = cache.get_mut(key) else {
-            continue;
-        };
+    let mut ip_entries: Vec<(&String, &Vec<u8>)> = Vec::with_capacity(cache.len());
+    for (key, facts) in cache.iter_mut() {
         let Some(labels) = facts.labels.as_ref() else {
             continue;
         };
@@ -185,7 +180,7 @@ pub(super) fn translate(
             continue;
         };
         facts.encode_for(identity, out.config);
-        let facts = &*facts;
+        let facts: &PodFacts = facts;
         for warning in &facts.ip_warnings {
             out.warn(&facts.object, warning.clone());
         }
@@ -200,8 +195,34 @@ pub(super) fn translate(
                 continue;
             }
             owners.insert(*ip, key);
-            out.insert(&facts.object, entry);
+            match entry {
+                Ok((_, key, bytes)) => ip_entries.push((key, bytes)),
+                Err(message) => out.warn(&facts.object, message.clone()),
+            }
         }
+    }
+    // Each key names one address and `owners` gave every address to one pod, so the keys
+    // are distinct: the map is built in one sorted pass instead of 100k lookups.
+    ip_entries.sort_unstable_by_key(|(key, _)| *key);
+    out.published.entries.insert(
+        Kind::Ip,
+        ip_entries
+            .into_iter()
+            .map(|(key, bytes)| (key.clone(), bytes.clone()))
+            .collect(),
+    );
+}
+
+/// Brings the cache to the snapshot's pods: both are sorted by key, so one merge walk keeps
+/// the facts of every pod that is still the same object and reads the others, without a
+/// lookup per pod.
+fn refresh(cache: &mut PodCache, objects: &ClusterObjects, config: &TranslateConfig) {
+    let mut old = std::mem::take(cache).into_iter().peekable();
+    cache.reserve(objects.pods.len());
+    for (key, pod) in &objects.pods {
+        while old.next_if(|(cached, _)| cached < key).is_some() {}
+        let kept = old.next_if(|(cached, facts)| cached == key && Arc::ptr_eq(&facts.pod, pod));
+        cache.push(kept.unwrap_or_else(|| (key.clone(), PodFacts::read(key, pod, config))));
     }
 }
 
