@@ -13,11 +13,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use cluster_source::ClusterObjects;
+use cluster_source::{ClusterObjects, NamespacedName};
 use clustermesh_apiserver::identity::IdentityAllocator;
 use clustermesh_apiserver::translate::{
     NAMESPACE_GLOBAL_ANNOTATION, TranslateCache, TranslateConfig, Warning, translate_cached,
 };
+use k8s_openapi::api::core::v1::Service;
 use model::annotations::{GLOBAL, GLOBAL_ALIAS, SHARED, SHARED_ALIAS};
 use model::{ClusterConfig, ClusterService, Entry, Identity, IpIdentity, Kind};
 
@@ -29,8 +30,12 @@ use crate::tables::{AffinityMode, Keyed};
 pub struct LocalTranslator {
     config: TranslateConfig,
     allocator: IdentityAllocator,
-    /// Per-pod results of the last translation, so a change costs what it touched.
+    /// Per-pod and per-service results of the last translation, so a change costs what it
+    /// touched.
     cache: TranslateCache,
+    /// Each Service as last seen, with its global-and-shared copy: the same source object
+    /// gets the same copy, so the translation cache recognises it.
+    forced: BTreeMap<NamespacedName, (Arc<Service>, Arc<Service>)>,
     node_name: Option<String>,
 }
 
@@ -60,30 +65,18 @@ fn namespace_global(objects: &ClusterObjects, namespace: &str, default: bool) ->
         .unwrap_or(default)
 }
 
-/// The snapshot with every Service global and shared and every namespace left to the
-/// default (global), so the translation yields every service with all its backends.
-fn all_services_global(objects: &ClusterObjects) -> ClusterObjects {
-    let mut forced = objects.clone();
-    for service in forced.services.values_mut() {
-        let annotations = std::sync::Arc::make_mut(service)
-            .metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new);
-        for key in [GLOBAL_ALIAS, SHARED, SHARED_ALIAS] {
-            annotations.remove(key);
-        }
-        annotations.insert(GLOBAL.to_owned(), "true".to_owned());
+/// A copy of `service` that is global and shared.
+fn forced_global(service: &Service) -> Service {
+    let mut service = service.clone();
+    let annotations = service
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new);
+    for key in [GLOBAL_ALIAS, SHARED, SHARED_ALIAS] {
+        annotations.remove(key);
     }
-    for namespace in forced.namespaces.values_mut() {
-        if let Some(annotations) = std::sync::Arc::make_mut(namespace)
-            .metadata
-            .annotations
-            .as_mut()
-        {
-            annotations.remove(NAMESPACE_GLOBAL_ANNOTATION);
-        }
-    }
-    forced
+    annotations.insert(GLOBAL.to_owned(), "true".to_owned());
+    service
 }
 
 impl LocalTranslator {
@@ -101,6 +94,7 @@ impl LocalTranslator {
             config,
             allocator,
             cache: TranslateCache::default(),
+            forced: BTreeMap::new(),
             node_name,
         })
     }
@@ -112,9 +106,37 @@ impl LocalTranslator {
         }
     }
 
+    /// The snapshot with every Service global and shared and every namespace left to the
+    /// default (global), so the translation yields every service with all its backends.
+    fn all_services_global(&mut self, objects: &ClusterObjects) -> ClusterObjects {
+        let mut forced = objects.clone();
+        let mut copies = BTreeMap::new();
+        for (key, service) in forced.services.iter_mut() {
+            let copy = match self.forced.remove(key) {
+                Some((source, copy)) if Arc::ptr_eq(&source, service) => copy,
+                _ => Arc::new(forced_global(service)),
+            };
+            copies.insert(key.clone(), (Arc::clone(service), Arc::clone(&copy)));
+            *service = copy;
+        }
+        self.forced = copies;
+        for namespace in forced.namespaces.values_mut() {
+            if namespace
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(NAMESPACE_GLOBAL_ANNOTATION))
+                && let Some(annotations) = Arc::make_mut(namespace).metadata.annotations.as_mut()
+            {
+                annotations.remove(NAMESPACE_GLOBAL_ANNOTATION);
+            }
+        }
+        forced
+    }
+
     /// Translates a synced snapshot.
     pub fn translate(&mut self, objects: &Arc<ClusterObjects>) -> (LocalPart, Vec<Warning>) {
-        let forced = all_services_global(objects);
+        let forced = self.all_services_global(objects);
         let forced_config = TranslateConfig {
             default_global_namespace: true,
             ..self.config.clone()
@@ -318,5 +340,25 @@ mod tests {
         let private = by_name["private/web"];
         assert!(!private.global, "the namespace is not global");
         assert_eq!(private.affinity, AffinityMode::None);
+
+        // The same Service object gets the same global copy, so the translation cache can
+        // recognise it; an edited Service gets a new one.
+        let first = t.all_services_global(&objs);
+        let again = t.all_services_global(&objs);
+        let key = |ns: &str, name: &str| cluster_source::NamespacedName::new(ns, name);
+        let web = key("shop", "web");
+        assert!(Arc::ptr_eq(&first.services[&web], &again.services[&web]));
+        let mut edited = (*objs).clone();
+        let db = key("shop", "db");
+        Arc::make_mut(edited.services.get_mut(&db).unwrap())
+            .metadata
+            .labels = Some(BTreeMap::from([("tier".to_owned(), "data".to_owned())]));
+        let after = t.all_services_global(&edited);
+        assert!(Arc::ptr_eq(&again.services[&web], &after.services[&web]));
+        assert!(!Arc::ptr_eq(&again.services[&db], &after.services[&db]));
+        assert_eq!(
+            after.services[&db].metadata.labels,
+            edited.services[&db].metadata.labels
+        );
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::objects::{AnyObject, ClusterObjects, ObjectRef, Problem};
+use crate::objects::{AnyObject, ClusterObjects, NamespacedName, ObjectKind, Problem};
 use crate::parse::{ManifestFormat, parse_manifests};
 use crate::{ClusterSource, SnapshotSender, SourceError};
 
@@ -385,8 +385,8 @@ struct FileEntry {
     fingerprint: Option<Fingerprint>,
     /// The hash of the content last read, good or bad.
     content: Option<u64>,
-    /// The objects of the last version that parsed.
-    objects: Vec<AnyObject>,
+    /// The objects of the last version that parsed, with their snapshot keys.
+    objects: Vec<(NamespacedName, AnyObject)>,
     /// What is wrong with the current version.
     problems: Vec<Problem>,
 }
@@ -468,34 +468,45 @@ impl DirState {
 
     /// The snapshot of every file's last good objects, with every current problem.
     fn snapshot(&self) -> ClusterObjects {
-        let mut out = ClusterObjects {
-            synced: true,
-            ..ClusterObjects::default()
-        };
-        let mut origin: HashMap<ObjectRef, &Path> = HashMap::new();
+        let files: Vec<(&PathBuf, &FileEntry)> = self.files.iter().collect();
         let mut problems = self.walk_problems.clone();
-        for (path, entry) in &self.files {
-            for object in &entry.objects {
-                let key = object.object_ref();
-                if let Some(first) = origin.get(&key) {
-                    problems.push(Problem {
-                        source: path.display().to_string(),
-                        line: None,
-                        object: Some(key.to_string()),
-                        message: format!(
-                            "also defined in {first}; the one there is used",
-                            first = first.display()
-                        ),
-                    });
-                } else {
-                    origin.insert(key, path);
-                    out.insert(object.clone());
-                }
-            }
+        // Every object with its key and file, sorted so that the copies of one object are
+        // next to each other, the one in the first file (path order) first.
+        let mut all: Vec<(ObjectKind, &NamespacedName, usize, &AnyObject)> = Vec::new();
+        for (index, (_, entry)) in files.iter().enumerate() {
+            all.extend(
+                entry
+                    .objects
+                    .iter()
+                    .map(|(key, object)| (object.kind(), key, index, object)),
+            );
             problems.extend(entry.problems.iter().cloned());
+        }
+        // Stable: within one file, the first document wins too.
+        all.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        let mut kept: Vec<(NamespacedName, AnyObject)> = Vec::with_capacity(all.len());
+        let mut first_file = 0;
+        for (i, (kind, key, file, object)) in all.iter().enumerate() {
+            let repeated = i > 0 && all[i - 1].0 == *kind && all[i - 1].1 == *key;
+            if !repeated {
+                first_file = *file;
+                kept.push(((*key).clone(), (*object).clone()));
+                continue;
+            }
+            problems.push(Problem {
+                source: files[*file].0.display().to_string(),
+                line: None,
+                object: Some(object.object_ref().to_string()),
+                message: format!(
+                    "also defined in {first}; the one there is used",
+                    first = files[first_file].0.display()
+                ),
+            });
         }
         problems.sort();
         problems.dedup();
+        let mut out = ClusterObjects::from_sorted(kept);
+        out.synced = true;
         out.problems = problems;
         out
     }
@@ -553,7 +564,10 @@ fn read_file(path: &Path, entry: &mut FileEntry, fingerprint: Fingerprint) -> bo
     match parse_manifests(&source, &text, format) {
         Ok(objects) => {
             debug!(file = %source, objects = objects.len(), "manifest file read");
-            entry.objects = objects;
+            entry.objects = objects
+                .into_iter()
+                .map(|mut object| (object.key(), object))
+                .collect();
             entry.problems.clear();
             true
         }

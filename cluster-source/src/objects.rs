@@ -198,6 +198,25 @@ impl AnyObject {
         }
     }
 
+    /// The object's key in a snapshot: `(namespace, name)` for namespaced kinds, with a
+    /// missing namespace defaulted to `default` in the object too (as `kubectl` does), and
+    /// `("", name)` for cluster-scoped ones.
+    pub fn key(&mut self) -> NamespacedName {
+        let kind = self.kind();
+        let name = self.metadata().name.clone().unwrap_or_default();
+        if !kind.namespaced() {
+            return NamespacedName::new(String::new(), name);
+        }
+        let namespace = match self.metadata().namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => ns.to_owned(),
+            _ => {
+                self.metadata_mut().namespace = Some(DEFAULT_NAMESPACE.to_owned());
+                DEFAULT_NAMESPACE.to_owned()
+            }
+        };
+        NamespacedName::new(namespace, name)
+    }
+
     /// Which object this is. The namespace is reported as stored (`None` when absent,
     /// always `None` for cluster-scoped kinds).
     pub fn object_ref(&self) -> ObjectRef {
@@ -281,23 +300,53 @@ impl ClusterObjects {
     /// and key. A namespaced object without a namespace is stored in `default`, and its
     /// `metadata.namespace` set accordingly.
     pub fn insert(&mut self, mut object: AnyObject) -> Option<AnyObject> {
-        let kind = object.kind();
-        let name = object.metadata().name.clone().unwrap_or_default();
-        let key = if kind.namespaced() {
-            let ns = match object.metadata().namespace.as_deref() {
-                Some(ns) if !ns.is_empty() => ns.to_owned(),
-                _ => {
-                    object.metadata_mut().namespace = Some(DEFAULT_NAMESPACE.to_owned());
-                    DEFAULT_NAMESPACE.to_owned()
-                }
-            };
-            NamespacedName::new(ns, name.clone())
-        } else {
-            NamespacedName::new(String::new(), name.clone())
-        };
+        let key = object.key();
+        self.insert_keyed(key, object)
+    }
+
+    /// A snapshot of objects given with their [`AnyObject::key`]s, in (kind, key) order:
+    /// each map is built in one pass instead of one search per object.
+    pub(crate) fn from_sorted(
+        objects: impl IntoIterator<Item = (NamespacedName, AnyObject)>,
+    ) -> Self {
+        let mut namespaces = Vec::new();
+        let mut nodes = Vec::new();
+        let mut services = Vec::new();
+        let mut endpoint_slices = Vec::new();
+        let mut pods = Vec::new();
+        let mut network_policies = Vec::new();
+        let mut cilium_network_policies = Vec::new();
+        for (key, object) in objects {
+            match object {
+                AnyObject::Namespace(o) => namespaces.push((key.name, o)),
+                AnyObject::Node(o) => nodes.push((key.name, o)),
+                AnyObject::Service(o) => services.push((key, o)),
+                AnyObject::EndpointSlice(o) => endpoint_slices.push((key, o)),
+                AnyObject::Pod(o) => pods.push((key, o)),
+                AnyObject::NetworkPolicy(o) => network_policies.push((key, o)),
+                AnyObject::CiliumNetworkPolicy(o) => cilium_network_policies.push((key, o)),
+            }
+        }
+        ClusterObjects {
+            synced: false,
+            namespaces: namespaces.into_iter().collect(),
+            nodes: nodes.into_iter().collect(),
+            services: services.into_iter().collect(),
+            endpoint_slices: endpoint_slices.into_iter().collect(),
+            pods: pods.into_iter().collect(),
+            network_policies: network_policies.into_iter().collect(),
+            cilium_network_policies: cilium_network_policies.into_iter().collect(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn insert_keyed(&mut self, key: NamespacedName, object: AnyObject) -> Option<AnyObject> {
         match object {
-            AnyObject::Namespace(o) => self.namespaces.insert(name, o).map(AnyObject::Namespace),
-            AnyObject::Node(o) => self.nodes.insert(name, o).map(AnyObject::Node),
+            AnyObject::Namespace(o) => self
+                .namespaces
+                .insert(key.name, o)
+                .map(AnyObject::Namespace),
+            AnyObject::Node(o) => self.nodes.insert(key.name, o).map(AnyObject::Node),
             AnyObject::Service(o) => self.services.insert(key, o).map(AnyObject::Service),
             AnyObject::EndpointSlice(o) => self
                 .endpoint_slices

@@ -672,6 +672,35 @@ async fn duplicates_name_both_files_and_the_first_wins() {
     stop(task, cancel).await;
 }
 
+/// Within one file the first document wins, and an object without a namespace is the same
+/// object as one in `default`.
+#[tokio::test]
+async fn duplicates_in_one_file_and_the_default_namespace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unnamespaced =
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  labels:\n    version: \"none\"\n";
+    write(
+        &dir.path().join("a.yaml"),
+        &format!(
+            "{}---\n{}---\n{}",
+            service("web", "default", "1"),
+            service("web", "default", "2"),
+            unnamespaced
+        ),
+    );
+    let (mut rx, task, cancel) = start(ManifestDir::new(dir.path()));
+    let s = wait_for(&mut rx, "synced", |s| s.synced).await;
+    assert_eq!(label(&s, "default", "web").as_deref(), Some("1"));
+    assert_eq!(s.len(), 1);
+    assert_eq!(s.problems.len(), 1, "{:#?}", s.problems);
+    assert!(
+        s.problems[0].message.contains("a.yaml"),
+        "{}",
+        s.problems[0]
+    );
+    stop(task, cancel).await;
+}
+
 #[tokio::test]
 async fn a_vanished_directory_keeps_its_objects_and_is_watched_again() {
     let parent = tempfile::tempdir().expect("tempdir");

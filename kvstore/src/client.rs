@@ -373,6 +373,18 @@ impl StoreClient {
         lease::grant(self, ttl, Some(shutdown)).await
     }
 
+    /// Takes over lease `id`, granted by someone else (a previous run of this process, say),
+    /// and keeps it alive like a granted one until the handle is stopped or dropped or
+    /// `shutdown` is canceled; `None` if the store no longer has the lease.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), lease = %id))]
+    pub async fn adopt_lease(
+        &self,
+        id: LeaseId,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<LeaseHandle>> {
+        lease::adopt(self, id, Some(shutdown)).await
+    }
+
     /// Revokes a lease, deleting its keys. A lease that does not exist counts as revoked.
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), lease = %id))]
     pub async fn revoke_lease(&self, id: LeaseId) -> Result<()> {

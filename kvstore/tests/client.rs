@@ -779,6 +779,38 @@ async fn a_grant_answered_after_its_ttl_is_kept_alive() {
     );
 }
 
+/// A lease granted by another process (here: a handle whose keepalive stopped, as when
+/// that process exits) is taken over and kept alive with its keys; a lease that is gone
+/// cannot be.
+#[tokio::test]
+async fn an_adopted_lease_is_kept_alive() {
+    let (_store, client) = store_and_client().await;
+    let ttl = Duration::from_secs(2);
+    let first = client.grant_lease(ttl).await.unwrap();
+    let raw = client.raw();
+    raw.put("adopted/key", &b"v".to_vec(), Some(first.id()))
+        .await
+        .unwrap();
+    first.stop();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let adopted = client
+        .adopt_lease(first.id(), &shutdown)
+        .await
+        .unwrap()
+        .expect("the lease still lives");
+    assert_eq!((adopted.id(), adopted.ttl()), (first.id(), ttl));
+    tokio::time::sleep(ttl * 3).await;
+    assert!(adopted.is_alive(), "{:?}", adopted.lost_reason());
+    assert!(raw.get("adopted/key").await.unwrap().is_some());
+
+    let gone = client.grant_lease(ttl).await.unwrap();
+    let id = gone.id();
+    gone.revoke().await.unwrap();
+    assert!(client.adopt_lease(id, &shutdown).await.unwrap().is_none());
+    shutdown.cancel();
+    assert_eq!(adopted.lost().await, LeaseLost::Stopped);
+}
+
 #[tokio::test]
 async fn lease_revoke_deletes_keys() {
     let (_store, client) = store_and_client().await;

@@ -11,10 +11,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use kvstore::client::{Codec, LeaseId, Op, StoreClient};
+use kvstore::client::{Codec, LeaseHandle, LeaseId, Op, StoreClient};
 use model::{ClusterConfig, ClusterName, StoreValue};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -217,18 +216,18 @@ pub(crate) async fn run_lease(
     let mut checked_config = false;
     let mut first = true;
     loop {
-        let previous = if std::mem::take(&mut first) {
+        let adopted = if std::mem::take(&mut first) {
             tokio::select! {
                 () = cancel.cancelled() => return,
-                previous = previous_lease(&store) => previous,
+                adopted = adopt_previous(&store, &cancel) => adopted,
             }
         } else {
             None
         };
-        let held = match previous {
-            Some((id, granted)) => {
-                tracing::info!(lease = %id, ttl = ?granted, "took over the previous kvstoremesh's lease");
-                Held::Adopted { id, ttl: granted }
+        let handle = match adopted {
+            Some(handle) => {
+                tracing::info!(lease = %handle.id(), ttl = ?handle.ttl(), "took over the previous kvstoremesh's lease");
+                handle
             }
             None => {
                 let granted = tokio::select! {
@@ -238,7 +237,7 @@ pub(crate) async fn run_lease(
                 match granted {
                     Ok(handle) => {
                         tracing::info!(lease = %handle.id(), ttl = ?handle.ttl(), "local lease granted");
-                        Held::Granted(handle)
+                        handle
                     }
                     Err(error) => {
                         let delay = backoff.next_delay();
@@ -255,7 +254,7 @@ pub(crate) async fn run_lease(
         generation += 1;
         metrics.lease_grants.inc();
         let lease = Lease {
-            id: held.id(),
+            id: handle.id(),
             generation,
         };
         publish.send_replace(Some(lease));
@@ -273,19 +272,14 @@ pub(crate) async fn run_lease(
         if !checked_config {
             checked_config = check_local_config(&store, &local).await;
         }
-        let lost = match &held {
-            Held::Granted(handle) => tokio::select! {
-                biased;
-                () = cancel.cancelled() => None,
-                lost = handle.lost() => Some(lost.to_string()),
-            },
-            Held::Adopted { id, ttl } => keep_adopted(&store, *id, *ttl, &cancel).await,
+        let lost = tokio::select! {
+            biased;
+            () = cancel.cancelled() => None,
+            lost = handle.lost() => Some(lost),
         };
         // The keepalive also stops on the shutdown token: that is no loss.
         let Some(lost) = lost.filter(|_| !cancel.is_cancelled()) else {
-            if let Held::Granted(handle) = &held {
-                handle.stop();
-            }
+            handle.stop();
             return;
         };
         publish.send_replace(None);
@@ -293,86 +287,14 @@ pub(crate) async fn run_lease(
     }
 }
 
-/// A lease kvstoremesh keeps alive.
-enum Held {
-    /// Granted by this kvstoremesh; the client keeps it alive.
-    Granted(kvstore::client::LeaseHandle),
-    /// The previous kvstoremesh's, kept alive by [`keep_adopted`].
-    Adopted { id: LeaseId, ttl: Duration },
-}
-
-impl Held {
-    fn id(&self) -> LeaseId {
-        match self {
-            Held::Granted(handle) => handle.id(),
-            Held::Adopted { id, .. } => *id,
-        }
-    }
-}
-
-/// The lease noted under [`LEASE_KEY`], with its granted TTL, if it still lives.
-async fn previous_lease(store: &StoreClient) -> Option<(LeaseId, Duration)> {
-    let entry = store.raw().get(LEASE_KEY).await.ok()??;
-    let id = entry.lease?;
-    let mut leases = store.etcd().lease_client();
-    let alive = tokio::time::timeout(store.request_timeout(), leases.time_to_live(id.0, None))
-        .await
-        .ok()?
-        .ok()?;
-    (alive.ttl() > 0 && alive.granted_ttl() > 0)
-        .then(|| (id, Duration::from_secs(alive.granted_ttl() as u64)))
-}
-
-/// Keeps a taken-over lease alive every TTL/3 until `cancel` (`None`) or until it is lost
-/// (the reason): the store says it is gone, or no refresh succeeded for a whole TTL.
-async fn keep_adopted(
-    store: &StoreClient,
-    id: LeaseId,
-    ttl: Duration,
-    cancel: &CancellationToken,
-) -> Option<String> {
-    let period = (ttl / 3).max(Duration::from_millis(100));
-    let mut deadline = Instant::now() + ttl;
-    let mut next = Instant::now();
-    let mut stream = None;
-    let mut last_error = String::from("no keepalive answered");
-    loop {
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => return None,
-            () = tokio::time::sleep_until(deadline) => {
-                return Some(format!("no keepalive succeeded for {ttl:?}: {last_error}"));
-            }
-            () = tokio::time::sleep_until(next) => {}
-        }
-        let sent = Instant::now();
-        let attempt = async {
-            let (keeper, responses) = match &mut stream {
-                Some(open) => open,
-                None => stream.insert(store.etcd().lease_client().keep_alive(id.0).await?),
-            };
-            keeper.keep_alive().await?;
-            responses.message().await
-        };
-        match tokio::time::timeout(store.request_timeout(), attempt).await {
-            Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
-                deadline = sent + Duration::from_secs(answer.ttl() as u64);
-                next = sent + period;
-            }
-            Ok(Ok(Some(_))) => return Some("the lease expired on the store".to_owned()),
-            Ok(Err(error)) if error.to_string().contains("not found") => {
-                return Some("the lease expired on the store".to_owned());
-            }
-            outcome => {
-                last_error = match outcome {
-                    Ok(Err(error)) => error.to_string(),
-                    Ok(Ok(_)) => "the keepalive stream closed".to_owned(),
-                    Err(_) => "the keepalive timed out".to_owned(),
-                };
-                tracing::debug!(error = %last_error, "lease keepalive failed, retrying");
-                stream = None;
-                next = Instant::now() + (period / 2).min(Duration::from_secs(1));
-            }
+/// The lease noted under [`LEASE_KEY`], taken over, if it still lives.
+async fn adopt_previous(store: &StoreClient, cancel: &CancellationToken) -> Option<LeaseHandle> {
+    let id = store.raw().get(LEASE_KEY).await.ok()??.lease?;
+    match store.adopt_lease(id, cancel).await {
+        Ok(handle) => handle,
+        Err(error) => {
+            tracing::debug!(%error, lease = %id, "cannot take the previous lease over");
+            None
         }
     }
 }

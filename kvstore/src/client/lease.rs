@@ -162,34 +162,98 @@ pub(crate) async fn grant(
     }
     let id = LeaseId(resp.id());
     let granted = Duration::from_secs(resp.ttl() as u64);
+    let period = keepalive_period(granted);
+    // The store started the TTL somewhere between our request and its answer, so the lease
+    // is counted from the request. An answer that came later than the TTL (a slow or frozen
+    // store) would then read as lost before anything was tried: one keepalive decides.
+    let deadline = (started + granted).max(Instant::now() + period);
+    Ok(keep(
+        client,
+        id,
+        granted,
+        deadline,
+        started + period,
+        cancel,
+    ))
+}
+
+/// Takes over a lease another process granted (and may still keep alive) and keeps it alive
+/// from now on; `None` if the store no longer has it.
+pub(crate) async fn adopt(
+    client: &StoreClient,
+    id: LeaseId,
+    shutdown: Option<&CancellationToken>,
+) -> Result<Option<LeaseHandle>> {
+    let cancel = shutdown.map_or_else(CancellationToken::new, CancellationToken::child_token);
+    let mut lease_client = client.lease_client();
+    let asked = Instant::now();
+    let resp = match client
+        .call(
+            "lease_time_to_live",
+            None,
+            Some(id),
+            lease_client.time_to_live(id.0, None),
+        )
+        .await
+    {
+        Ok(resp) => resp,
+        Err(Error::LeaseNotFound { .. }) => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    if resp.ttl() <= 0 || resp.granted_ttl() <= 0 {
+        return Ok(None);
+    }
+    let granted = Duration::from_secs(resp.granted_ttl() as u64);
+    let deadline = asked + Duration::from_secs(resp.ttl() as u64);
+    Ok(Some(keep(
+        client,
+        id,
+        granted,
+        deadline,
+        Instant::now(),
+        cancel,
+    )))
+}
+
+/// Starts the keepalive task of lease `id`: first refresh at `next`, lost unless refreshed
+/// by `deadline`.
+fn keep(
+    client: &StoreClient,
+    id: LeaseId,
+    ttl: Duration,
+    deadline: Instant,
+    next: Instant,
+    cancel: CancellationToken,
+) -> LeaseHandle {
     let (sender, state) = watch::channel(None);
     let publish = Arc::new(sender);
     let span = tracing::debug_span!(
         "lease_keepalive",
         endpoints = %client.endpoints(),
         lease = %id,
-        ttl_secs = resp.ttl()
+        ttl_secs = ttl.as_secs()
     );
     let task = tokio::spawn(
         keepalive(
             client.clone(),
             id,
-            granted,
-            started,
+            ttl,
+            deadline,
+            next,
             cancel.clone(),
             publish.clone(),
         )
         .instrument(span),
     );
-    Ok(LeaseHandle {
+    LeaseHandle {
         id,
-        ttl: granted,
+        ttl,
         client: client.clone(),
         cancel,
         state,
         publish,
         task: Some(task),
-    })
+    }
 }
 
 /// Keepalive period for a TTL: a third of it, at least 100 ms.
@@ -204,17 +268,13 @@ async fn keepalive(
     client: StoreClient,
     id: LeaseId,
     ttl: Duration,
-    granted_at: Instant,
+    mut deadline: Instant,
+    mut next: Instant,
     cancel: CancellationToken,
     state: Arc<watch::Sender<Option<LeaseLost>>>,
 ) {
     let period = keepalive_period(ttl);
     let retry = (period / 2).min(Duration::from_secs(1));
-    // The store started the TTL somewhere between our request and its answer, so the lease
-    // is counted from the request. An answer that came later than the TTL (a slow or frozen
-    // store) would then read as lost before anything was tried: one keepalive decides.
-    let mut deadline = (granted_at + ttl).max(Instant::now() + period);
-    let mut next = granted_at + period;
     let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
     let mut last_error = String::from("no keepalive attempted yet");
     let lost = loop {
