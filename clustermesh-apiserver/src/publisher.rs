@@ -86,8 +86,11 @@ pub async fn run(
             publish_until_failure(&client, &config, &mut snapshots, &status, &metrics, &cancel);
         match pass.await {
             Ok(()) => return,
+            // On shutdown the source stops too; only a source that stops on its own is news.
             Err(PublishError::SourceStopped) => {
-                tracing::error!(%cluster, "the cluster source stopped; nothing more to publish");
+                if !cancel.is_cancelled() {
+                    tracing::error!(%cluster, "the cluster source stopped; nothing more to publish");
+                }
                 return;
             }
             Err(error) => {

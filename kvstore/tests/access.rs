@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certs::ClusterName;
-use common::{WAIT, embedded_backend, next_msg};
+use common::{WAIT, both, embedded_backend, next_msg};
 use etcd_client::{
     AlarmAction, AlarmType, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
@@ -23,21 +23,6 @@ use kvstore::client::provision::{self, ProvisionError};
 use kvstore::client::{ClientConfig, StoreClient, TlsFiles};
 use testkit::{Backend, CertFiles, StoreOptions, StoreProcess, TestPki};
 use tonic::Code;
-
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn etcd() {
-                super::$name(testkit::Backend::Etcd).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$name(super::embedded_backend()).await
-            }
-        }
-    )*};
-}
 
 both!(
     remote_reads_what_peers_may_read,

@@ -4,7 +4,9 @@
 //! Every scenario runs against real etcd (the oracle for which error is expected) and our
 //! embedded server: tests are named `scenario::etcd` and `scenario::embedded`.
 
-use std::path::PathBuf;
+mod common;
+
+use common::both;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,27 +19,6 @@ use testkit::{Backend, StoreOptions, StoreProcess, TestPki};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
-
-fn embedded() -> Backend {
-    Backend::Embedded {
-        bin: PathBuf::from(env!("CARGO_BIN_EXE_kvstore")),
-    }
-}
-
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn etcd() {
-                super::$name(testkit::Backend::Etcd).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$name(super::embedded()).await
-            }
-        }
-    )*};
-}
 
 both!(
     oversized_put_default_limit,

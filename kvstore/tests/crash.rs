@@ -19,8 +19,10 @@
 //! `CRASH_ROUNDS` (default 20) sets the number of rounds, `CRASH_SEED` replays a run; the seed
 //! is printed at the start.
 
+mod common;
+
+use common::embedded_backend;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,12 +38,6 @@ const LEASE_TTL: i64 = 3600;
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 /// At most this many acknowledged writes per round are re-read at their revision.
 const HISTORY_SAMPLE: usize = 300;
-
-fn embedded() -> Backend {
-    Backend::Embedded {
-        bin: PathBuf::from(env!("CARGO_BIN_EXE_kvstore")),
-    }
-}
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {
@@ -273,7 +269,7 @@ async fn writer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_sigkill() {
-    crash_rounds(embedded()).await
+    crash_rounds(embedded_backend()).await
 }
 
 /// The same run against real etcd, which is crash safe: validates the checker itself.

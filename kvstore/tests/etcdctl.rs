@@ -7,7 +7,9 @@
 //! etcdctl's JSON output encodes keys and values as base64 and omits zero-valued fields
 //! (`"type"` of a PUT event, `"succeeded": false`, `"count": 0`), which the helpers account for.
 
-use std::path::PathBuf;
+mod common;
+
+use common::both;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,27 +18,6 @@ use serde_json::Value;
 use testkit::{Backend, CertFiles, StoreOptions, StoreProcess, TestPki};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-fn embedded() -> Backend {
-    Backend::Embedded {
-        bin: PathBuf::from(env!("CARGO_BIN_EXE_kvstore")),
-    }
-}
-
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn etcd() {
-                super::$name(testkit::Backend::Etcd).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$name(super::embedded()).await
-            }
-        }
-    )*};
-}
 
 both!(
     put_get_del,

@@ -21,6 +21,26 @@ pub fn embedded_backend() -> Backend {
     }
 }
 
+/// Runs each named `async fn(Backend)` scenario as two tests, `<name>::etcd` against a real
+/// etcd and `<name>::embedded` against our store. (Not every test file uses it.)
+#[allow(unused_macros)]
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                super::$name(testkit::Backend::Etcd).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name($crate::common::embedded_backend()).await
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use both;
+
 /// Starts a store with default options and connects a client.
 pub async fn start(backend: Backend) -> (StoreProcess, Client) {
     start_with(backend, StoreOptions::default()).await
