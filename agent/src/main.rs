@@ -12,7 +12,7 @@ use agent::remote::{PeerSource, WatchTiming};
 use anyhow::{Context, bail};
 use clap::Parser;
 use kvstore::client::{ClientConfig, TlsFiles};
-use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
+use model::Capabilities;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -27,15 +27,8 @@ use tokio_util::sync::CancellationToken;
                   `clustermesh agent services|ipcache|policy` shows the tables."
 )]
 struct Args {
-    /// This cluster's name.
-    #[arg(long)]
-    cluster_name: String,
-    /// This cluster's id: 1..=255, or 1..=511 with --max-connected-clusters 511.
-    #[arg(long)]
-    cluster_id: u16,
-    /// 255 or 511; every cluster of a mesh must use the same value.
-    #[arg(long, default_value_t = 255)]
-    max_connected_clusters: u32,
+    #[command(flatten)]
+    cluster: daemon::cluster::ClusterArgs,
     /// The node this agent runs on: policies apply to its pods (all local pods when unset).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -130,12 +123,7 @@ struct Args {
 
 impl Args {
     fn config(self) -> anyhow::Result<AgentConfig> {
-        let name = ClusterName::new(self.cluster_name).context("--cluster-name")?;
-        let max = MaxConnectedClusters::from_value(self.max_connected_clusters)
-            .context("--max-connected-clusters")?;
-        let id = ClusterId::new(self.cluster_id, max).context("--cluster-id")?;
-        let cluster =
-            ClusterConfig::new(name, id, max, Capabilities::default()).context("cluster config")?;
+        let cluster = self.cluster.config(Capabilities::default())?;
         if self.datapath != "none" {
             bail!(
                 "--datapath {}: only \"none\" is available yet",

@@ -12,7 +12,7 @@ use clustermesh_apiserver::translate::TranslateConfig;
 use clustermesh_apiserver::{ApiserverConfig, SourceConfig, StoreConfig};
 use kvstore::client::{ClientConfig, TlsFiles as ClientTls};
 use kvstore::server::{ServerConfig, TlsFiles as ServerTls};
-use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
+use model::Capabilities;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -25,15 +25,8 @@ use tokio_util::sync::CancellationToken;
                   metrics at /metrics on --health-listen."
 )]
 struct Args {
-    /// This cluster's name (lowercase letters, digits and '-', at most 32 characters).
-    #[arg(long)]
-    cluster_name: String,
-    /// This cluster's id: 1..=255, or 1..=511 with --max-connected-clusters 511.
-    #[arg(long)]
-    cluster_id: u16,
-    /// 255 or 511; every cluster of a mesh must use the same value.
-    #[arg(long, default_value_t = 255)]
-    max_connected_clusters: u32,
+    #[command(flatten)]
+    cluster: daemon::cluster::ClusterArgs,
     /// Read the cluster from this directory of Kubernetes manifests (watched for changes).
     #[arg(
         long,
@@ -114,18 +107,14 @@ fn existing(flag: &str, path: &Option<PathBuf>) -> anyhow::Result<()> {
 
 impl Args {
     fn config(self) -> anyhow::Result<ApiserverConfig> {
-        let name = ClusterName::new(self.cluster_name).context("--cluster-name")?;
-        let max = MaxConnectedClusters::from_value(self.max_connected_clusters)
-            .context("--max-connected-clusters")?;
-        let id = ClusterId::new(self.cluster_id, max).context("--cluster-id")?;
         // We write sync canaries; the store holds our own state, not a kvstoremesh cache.
         let capabilities = Capabilities {
             sync_canaries: true,
             cached: false,
             service_exports: false,
         };
-        let cluster = ClusterConfig::new(name.clone(), id, max, capabilities)
-            .context("cluster configuration")?;
+        let cluster = self.cluster.config(capabilities)?;
+        let name = cluster.name.clone();
         if let Some(dir) = &self.manifests
             && dir.exists()
             && !dir.is_dir()

@@ -1,9 +1,10 @@
 //! What every daemon binary of the mesh shares, so each `main.rs` only parses its flags into
 //! a configuration and starts its library: logging to stderr (`RUST_LOG`, default `info`),
 //! exit code 64 for a command line or configuration that cannot work, a multi-threaded
-//! runtime, one cancellation token that SIGTERM or Ctrl-C fires, and the [`health`]
-//! endpoints.
+//! runtime, one cancellation token that SIGTERM or Ctrl-C fires, the [`health`] endpoints
+//! and the [`cluster`] flags.
 
+pub mod cluster;
 pub mod health;
 
 use std::future::Future;

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use kvstore::client::{ClientConfig, TlsFiles};
 use kvstoremesh::{MeshConfig, Timing};
-use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
+use model::Capabilities;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -24,16 +24,8 @@ use tokio_util::sync::CancellationToken;
                   --health-listen. See docs/kvstoremesh.md."
 )]
 struct Args {
-    /// This cluster's name (lowercase letters, digits and '-', at most 32 characters).
-    #[arg(long)]
-    cluster_name: String,
-    /// This cluster's id: 1..=255, or 1..=511 with --max-connected-clusters 511. Peers with
-    /// the same id are refused.
-    #[arg(long)]
-    cluster_id: u16,
-    /// 255 or 511; peers with another value are refused.
-    #[arg(long, default_value_t = 255)]
-    max_connected_clusters: u32,
+    #[command(flatten)]
+    cluster: daemon::cluster::ClusterArgs,
     /// Directory with one etcd client-config file per peer, named after the peer.
     #[arg(long)]
     peers_dir: PathBuf,
@@ -83,12 +75,7 @@ struct Args {
 
 impl Args {
     fn config(self) -> anyhow::Result<MeshConfig> {
-        let name = ClusterName::new(self.cluster_name).context("--cluster-name")?;
-        let max = MaxConnectedClusters::from_value(self.max_connected_clusters)
-            .context("--max-connected-clusters")?;
-        let id = ClusterId::new(self.cluster_id, max).context("--cluster-id")?;
-        let local =
-            ClusterConfig::new(name, id, max, Capabilities::default()).context("--cluster-id")?;
+        let local = self.cluster.config(Capabilities::default())?;
         for (flag, path) in [
             ("--store-cacert", &self.store_cacert),
             ("--store-cert", &self.store_cert),
