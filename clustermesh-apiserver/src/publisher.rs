@@ -86,11 +86,10 @@ pub async fn run(
             publish_until_failure(&client, &config, &mut snapshots, &status, &metrics, &cancel);
         match pass.await {
             Ok(()) => return,
-            // On shutdown the source stops too; only a source that stops on its own is news.
+            // The apiserver watches the source itself and reports a source that stops on
+            // its own; on shutdown the source stops too.
             Err(PublishError::SourceStopped) => {
-                if !cancel.is_cancelled() {
-                    tracing::error!(%cluster, "the cluster source stopped; nothing more to publish");
-                }
+                tracing::debug!(%cluster, "the cluster source stopped; nothing more to publish");
                 return;
             }
             Err(error) => {

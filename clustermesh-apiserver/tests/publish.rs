@@ -722,27 +722,6 @@ async fn readyz_is_503_while_the_lease_is_lost() {
     api.ready().await;
 }
 
-macro_rules! both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod etcd {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Which::Etcd).await;
-                }
-            )*
-        }
-        mod ours {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Which::Ours).await;
-                }
-            )*
-        }
-    };
-}
-
 both_backends!(
     publishes_exactly_the_fixture,
     manifest_changes_reach_the_store,

@@ -93,27 +93,6 @@ fn kind_of(key: &str) -> Kind {
         .unwrap_or_else(|| panic!("{key} is no state key"))
 }
 
-macro_rules! both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod etcd {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Which::Etcd).await;
-                }
-            )*
-        }
-        mod ours {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Which::Ours).await;
-                }
-            )*
-        }
-    };
-}
-
 both_backends!(
     cluster_id_300_is_valid_with_511_clusters,
     duplicate_stored_identities_resolve_to_one,

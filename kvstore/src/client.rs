@@ -401,25 +401,10 @@ impl StoreClient {
     /// The remaining TTL of a lease, or `None` if it does not exist (expired or revoked).
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), lease = %id))]
     pub async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
-        let mut lease_client = self.lease_client();
-        let resp = match self
-            .call(
-                "lease_time_to_live",
-                None,
-                Some(id),
-                lease_client.time_to_live(id.0, None),
-            )
-            .await
-        {
-            Ok(resp) => resp,
-            Err(Error::LeaseNotFound { .. }) => return Ok(None),
-            Err(err) => return Err(err),
-        };
-        if resp.ttl() < 0 {
-            Ok(None)
-        } else {
-            Ok(Some(Duration::from_secs(resp.ttl() as u64)))
-        }
+        let resp = lease::time_to_live(self, id).await?;
+        Ok(resp
+            .filter(|resp| resp.ttl() >= 0)
+            .map(|resp| Duration::from_secs(resp.ttl() as u64)))
     }
 }
 

@@ -156,7 +156,6 @@ pub(super) fn translate(
         in_use.extend(facts.labels.as_ref());
     }
     let failed = allocate(identities, &in_use);
-    drop(in_use);
 
     for (id, labels) in identities.iter() {
         let identity = Identity::new(id, labels.iter().cloned());

@@ -30,6 +30,30 @@ pub enum Which {
     Ours,
 }
 
+/// Runs each named `async fn(Which)` scenario twice: `etcd::<name>` against a real etcd and
+/// `ours::<name>` against our store.
+#[macro_export]
+macro_rules! both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod etcd {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario($crate::common::Which::Etcd).await;
+                }
+            )*
+        }
+        mod ours {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario($crate::common::Which::Ours).await;
+                }
+            )*
+        }
+    };
+}
+
 /// A store process and a client of it.
 pub struct Store {
     pub process: StoreProcess,

@@ -185,20 +185,9 @@ pub(crate) async fn adopt(
     shutdown: Option<&CancellationToken>,
 ) -> Result<Option<LeaseHandle>> {
     let cancel = shutdown.map_or_else(CancellationToken::new, CancellationToken::child_token);
-    let mut lease_client = client.lease_client();
     let asked = Instant::now();
-    let resp = match client
-        .call(
-            "lease_time_to_live",
-            None,
-            Some(id),
-            lease_client.time_to_live(id.0, None),
-        )
-        .await
-    {
-        Ok(resp) => resp,
-        Err(Error::LeaseNotFound { .. }) => return Ok(None),
-        Err(err) => return Err(err),
+    let Some(resp) = time_to_live(client, id).await? else {
+        return Ok(None);
     };
     if resp.ttl() <= 0 || resp.granted_ttl() <= 0 {
         return Ok(None);
@@ -213,6 +202,27 @@ pub(crate) async fn adopt(
         Instant::now(),
         cancel,
     )))
+}
+
+/// The store's answer about lease `id`; `None` if it has no such lease.
+pub(crate) async fn time_to_live(
+    client: &StoreClient,
+    id: LeaseId,
+) -> Result<Option<etcd_client::LeaseTimeToLiveResponse>> {
+    let mut lease_client = client.lease_client();
+    match client
+        .call(
+            "lease_time_to_live",
+            None,
+            Some(id),
+            lease_client.time_to_live(id.0, None),
+        )
+        .await
+    {
+        Ok(resp) => Ok(Some(resp)),
+        Err(Error::LeaseNotFound { .. }) => Ok(None),
+        Err(err) => Err(err),
+    }
 }
 
 /// Starts the keepalive task of lease `id`: first refresh at `next`, lost unless refreshed
