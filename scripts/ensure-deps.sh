@@ -7,6 +7,8 @@ set -euo pipefail
 need=(protobuf-compiler)                       # etcd-client's build script runs protoc
 if [[ "${1:-build}" == test ]]; then
   need+=(etcd-server etcd-client)              # the conformance suite runs against real etcd 3.4
+  need+=(clang libbpf-dev bpftool)             # bpf/build.sh --check; the layout test reads BTF
+  need+=(iproute2 util-linux)                  # datapath tests: network namespaces, nsenter
 fi
 
 missing=()

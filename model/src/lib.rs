@@ -9,12 +9,14 @@
 //! - [`keys`]: the Cilium-compatible key layout, builders and parsers.
 //! - [`validate_entry`]: the gate every entry read from a peer passes.
 //! - [`annotations`]: the Service annotations that make a service global.
+//! - [`endpoint`]: a pod's interface, as the CNI plugin registers it with the node's agent.
 //!
 //! `docs/values.md` documents every key and value.
 
 pub mod annotations;
 pub mod cluster;
 pub mod config;
+pub mod endpoint;
 pub mod entry;
 pub mod identity;
 pub mod ipcache;

@@ -1,30 +1,39 @@
-//! Finding our store's binary from a test or bench of another crate.
+//! Finding a workspace binary (our store, the echo server, …) from a test or bench of
+//! another crate.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use crate::Error;
 
-/// Our `kvstore` binary: `$KVSTORE_BIN` if set, else `kvstore` built (once per process) into
-/// the target dir and profile of the running test or bench.
-///
-/// Crates other than `kvstore` get no `CARGO_BIN_EXE_kvstore`, and `cargo test -p <crate>`
-/// does not build other crates' binaries, so this builds it rather than assume a previous
-/// workspace build left one behind. A failed build falls back to a binary already there.
+/// Our `kvstore` binary: `$KVSTORE_BIN` if set, else built as [`workspace_bin`] does.
 pub fn kvstore_bin() -> Result<PathBuf, Error> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("KVSTORE_BIN") {
-            return Ok(bin.into());
-        }
-        build_kvstore().map_err(|e| e.to_string())
-    })
-    .clone()
-    .map_err(Error::Build)
+    if let Some(bin) = std::env::var_os("KVSTORE_BIN") {
+        return Ok(bin.into());
+    }
+    workspace_bin("kvstore", "kvstore")
 }
 
-fn build_kvstore() -> Result<PathBuf, Error> {
+/// The binary `bin` of workspace package `package`, built (once per process) into the target
+/// dir and profile of the running test or bench.
+///
+/// Crates other than `package` get no `CARGO_BIN_EXE_<bin>`, and `cargo test -p <crate>`
+/// does not build other crates' binaries, so this builds it rather than assume a previous
+/// workspace build left one behind. A failed build falls back to a binary already there.
+pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf, Error> {
+    static BUILT: Mutex<Option<HashMap<String, Result<PathBuf, String>>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    built
+        .get_or_insert_with(HashMap::new)
+        .entry(format!("{package}/{bin}"))
+        .or_insert_with(|| build(package, bin).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::Build)
+}
+
+fn build(package: &str, bin_name: &str) -> Result<PathBuf, Error> {
     let exe = std::env::current_exe().map_err(|source| Error::Io {
         context: "locating the running test binary".to_owned(),
         source,
@@ -37,11 +46,11 @@ fn build_kvstore() -> Result<PathBuf, Error> {
     let target_dir = profile_dir
         .parent()
         .ok_or_else(|| Error::Build(format!("{} has no target dir", exe.display())))?;
-    let bin = profile_dir.join("kvstore");
+    let bin = profile_dir.join(bin_name);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
-        .args(["build", "--quiet", "-p", "kvstore", "--bin", "kvstore"])
+        .args(["build", "--quiet", "-p", package, "--bin", bin_name])
         .arg("--target-dir")
         .arg(target_dir);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
@@ -51,13 +60,13 @@ fn build_kvstore() -> Result<PathBuf, Error> {
         Ok(status) if status.success() => Ok(bin),
         other if bin.is_file() => {
             eprintln!(
-                "warning: building kvstore failed ({other:?}); using the existing {}",
+                "warning: building {bin_name} failed ({other:?}); using the existing {}",
                 bin.display()
             );
             Ok(bin)
         }
         other => Err(Error::Build(format!(
-            "cannot build the kvstore binary ({other:?}); set KVSTORE_BIN"
+            "cannot build the {bin_name} binary of {package} ({other:?})"
         ))),
     }
 }

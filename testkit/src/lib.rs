@@ -10,8 +10,9 @@ mod bin;
 mod error;
 mod pki;
 mod process;
+pub mod sandbox;
 
-pub use bin::kvstore_bin;
+pub use bin::{kvstore_bin, workspace_bin};
 pub use error::Error;
 pub use pki::{CertFiles, TestPki};
 pub use process::{Backend, DEFAULT_STARTUP_TIMEOUT, StoreOptions, StoreProcess, backends};
