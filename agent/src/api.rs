@@ -8,6 +8,9 @@
 //! | `GET /v1/routes` | list of [`RouteEntry`](crate::tables::RouteEntry) |
 //! | `GET /v1/peers` | [`AgentStatus`] |
 //! | `GET /v1/tables` | every table ([`Tables`]) |
+//! | `GET /v1/datapath` | [`DatapathStatus`](crate::datapath::DatapathStatus) |
+//! | `GET /v1/drops` | recent [`DropView`](crate::datapath::DropView)s, oldest first |
+//! | `GET /v1/endpoints`, `PUT`/`DELETE /v1/endpoints/{container_id}` | the CNI plugin's contract: [`model::endpoint`] |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness, readiness (local cluster synced), Prometheus |
 //!
 //! It listens on loopback by default: it is for the node's operator and the `clustermesh`
@@ -18,17 +21,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use daemon::health::Health;
+use model::endpoint::{ApiError, EndpointRegistration};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::datapath::DatapathHandle;
 use crate::health::LostReason;
 use crate::merge::ClusterHealth;
 use crate::metrics::Metrics;
@@ -106,6 +112,8 @@ pub struct Shared {
     pub status: RwLock<AgentStatus>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The datapath's owner.
+    pub datapath: DatapathHandle,
 }
 
 impl Shared {
@@ -170,6 +178,78 @@ async fn peers(State(app): State<App>) -> Response {
     json(&app.status())
 }
 
+async fn datapath_status(State(app): State<App>) -> Response {
+    json(&app.datapath.status())
+}
+
+async fn drops(State(app): State<App>) -> Response {
+    let list: Vec<_> = app
+        .datapath
+        .drops
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    json(&list)
+}
+
+async fn endpoints(State(app): State<App>) -> Response {
+    let list: Vec<_> = app
+        .datapath
+        .endpoints
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    json(&list)
+}
+
+fn api_error(status: StatusCode, error: String) -> Response {
+    let body = serde_json::to_vec(&ApiError { error }).unwrap_or_default();
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+async fn put_endpoint(
+    State(app): State<App>,
+    Path(container_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let endpoint: EndpointRegistration = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("endpoint JSON: {e}")),
+    };
+    if endpoint.container_id != container_id {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the path names container {container_id:?}, the body {:?}",
+                endpoint.container_id
+            ),
+        );
+    }
+    if let Err(e) = endpoint.validate() {
+        return api_error(StatusCode::BAD_REQUEST, e);
+    }
+    match app.datapath.register(endpoint).await {
+        Ok(e) => json(&e),
+        Err(e) => api_error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    }
+}
+
+async fn delete_endpoint(State(app): State<App>, Path(container_id): Path<String>) -> Response {
+    match app.datapath.unregister(container_id).await {
+        Ok(()) => json(&serde_json::json!({})),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
 /// Ready once the local cluster is synced.
 impl Health for Shared {
     fn readiness(&self) -> (bool, serde_json::Value) {
@@ -197,6 +277,13 @@ pub async fn serve(
         .route("/v1/routes", get(routes))
         .route("/v1/peers", get(peers))
         .route("/v1/tables", get(tables))
+        .route("/v1/datapath", get(datapath_status))
+        .route("/v1/drops", get(drops))
+        .route("/v1/endpoints", get(endpoints))
+        .route(
+            "/v1/endpoints/{container_id}",
+            put(put_endpoint).delete(delete_endpoint),
+        )
         .with_state(shared.clone())
         .merge(daemon::health::router(shared));
     daemon::health::serve_router(addr, app, cancel).await

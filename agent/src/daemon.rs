@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::api::{self, AgentStatus, PeerView, Shared};
+use crate::datapath::{self, DatapathOptions};
 use crate::health::{HealthConfig, PeerHealth};
 use crate::local::{LocalError, LocalTranslator};
 use crate::merge::ClusterHealth;
@@ -80,6 +81,8 @@ pub struct AgentConfig {
     pub forget_after: Duration,
     /// How long shutdown waits for the parts to stop.
     pub shutdown_grace: Duration,
+    /// The datapath to program.
+    pub datapath: DatapathOptions,
 }
 
 /// Why the agent cannot start.
@@ -99,6 +102,9 @@ pub enum AgentError {
     /// The Kubernetes client cannot be configured.
     #[error("kubernetes client: {0}")]
     Kube(String),
+    /// The eBPF datapath was asked for and cannot be loaded.
+    #[error(transparent)]
+    Datapath(#[from] datapath::StartError),
 }
 
 /// The persisted state: every part, by cluster.
@@ -198,6 +204,8 @@ struct Owner {
     generation: u64,
     persist_dirty: bool,
     last_persist: Instant,
+    /// The datapath has been handed the whole tables (then only changes).
+    datapath_fed: bool,
 }
 
 /// A started agent.
@@ -280,10 +288,13 @@ pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<Run
             "tables restored from the state file"
         );
     }
+    let metrics = Metrics::default();
+    let datapath = datapath::start(config.datapath.clone(), &metrics).await?;
     let shared = Arc::new(Shared {
         mesh: RwLock::new(mesh),
         status: RwLock::new(AgentStatus::default()),
-        metrics: Metrics::default(),
+        metrics,
+        datapath,
     });
     let (api_addr, api_task) = api::serve(config.api_listen, shared.clone(), cancel.clone())
         .await
@@ -319,6 +330,7 @@ pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<Run
         generation: 0,
         persist_dirty: false,
         last_persist: now,
+        datapath_fed: false,
     };
     owner.publish_status();
     let owner_task = tokio::spawn(
@@ -603,8 +615,17 @@ impl Owner {
 
     fn refresh(&mut self) {
         let (changes, counts) = {
-            let mut mesh = self.mesh();
+            let mut mesh = self.shared.mesh.write().unwrap_or_else(|e| e.into_inner());
             let changes = mesh.refresh();
+            // The datapath gets the tables once they are the cluster's (synced or restored,
+            // never the empty tables of a fresh start over maps an earlier agent filled),
+            // then every change.
+            if !self.datapath_fed && (self.local_synced || self.local_restored) {
+                self.datapath_fed = true;
+                self.shared.datapath.tables(mesh.tables().clone());
+            } else if self.datapath_fed && !changes.is_empty() {
+                self.shared.datapath.changes(changes.clone());
+            }
             (changes, mesh.tables().counts())
         };
         if changes.is_empty() {

@@ -12,12 +12,14 @@
 //! - [`local`]: the local cluster's part from its own objects (the apiserver's translation).
 //! - [`remote`]: peers' state from kvstoremesh's cache or from their own stores, one watcher
 //!   abstraction and one state machine per peer.
+//! - [`datapath`]: the eBPF datapath's owner thread: maps by diff, routes, endpoints, drops.
 //! - [`daemon`]: the owner task, persisted state, wiring; [`api`]: the local HTTP JSON API.
 //!
 //! `docs/agent.md` describes the behaviour for operators.
 
 pub mod api;
 pub mod daemon;
+pub mod datapath;
 pub mod health;
 pub mod local;
 pub mod merge;

@@ -1,4 +1,5 @@
-//! `clustermesh-agent`: the node agent's control plane (desired-state tables, no datapath yet).
+//! `clustermesh-agent`: the node agent: desired-state tables and the eBPF datapath that
+//! carries them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,10 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agent::daemon::{AgentConfig, LocalSource};
+use agent::datapath::{DatapathOptions, Mode};
 use agent::health::HealthConfig;
 use agent::policy::PolicyOptions;
 use agent::remote::{PeerSource, WatchTiming};
 use anyhow::{Context, bail};
+use bpf::{DatapathConfig, DatapathError, MapSizes};
 use clap::Parser;
 use kvstore::client::{ClientConfig, TlsFiles};
 use model::Capabilities;
@@ -23,8 +26,9 @@ use tokio_util::sync::CancellationToken;
              (services, ipcache, policy, routes) served on a local API",
     after_help = "Peers are read from kvstoremesh's cache in the local store (--store-endpoints, \
                   the default deployment) or directly from each peer's store (--peers-dir). \
-                  The datapath is not programmed yet (--datapath=none is the only mode); \
-                  `clustermesh agent services|ipcache|policy` shows the tables."
+                  With --datapath bpf|auto the tables are programmed into an eBPF datapath pinned \
+                  under --bpffs/--bpf-root (inspect it with `bpftool map dump pinned ...`); \
+                  `clustermesh agent services|ipcache|policy|drops` shows the tables and drops."
 )]
 struct Args {
     #[command(flatten)]
@@ -113,9 +117,44 @@ struct Args {
     /// only (default: every cluster, as Cilium's classic behaviour).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     policy_default_local_cluster: bool,
-    /// The datapath to program; only `none` exists yet.
-    #[arg(long, default_value = "none")]
-    datapath: String,
+    /// The datapath to program: `bpf` (eBPF; failing to load it is fatal), `none` (the
+    /// control plane alone), or `auto`: eBPF when it loads, else none, saying why.
+    #[arg(long, default_value = "auto")]
+    datapath: agent::datapath::Mode,
+    /// Where bpffs is mounted (mounted there when missing).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// The directory under bpffs for this agent's pinned maps and links.
+    #[arg(long, default_value = "clustermesh")]
+    bpf_root: String,
+    /// The cgroup v2 directory whose sockets the load balancer serves (default: the cgroup
+    /// v2 root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Service map capacity: frontends plus their backends.
+    #[arg(long, default_value_t = MapSizes::default().services)]
+    map_size_services: u32,
+    /// Sockets the load balancer remembers (for getpeername, recvmsg and UDP).
+    #[arg(long, default_value_t = MapSizes::default().sockets)]
+    map_size_sockets: u32,
+    /// ipcache capacity (prefixes).
+    #[arg(long, default_value_t = MapSizes::default().ipcache)]
+    map_size_ipcache: u32,
+    /// Policy allow entries.
+    #[arg(long, default_value_t = MapSizes::default().policy)]
+    map_size_policy: u32,
+    /// Default-deny (identity, direction) pairs.
+    #[arg(long, default_value_t = MapSizes::default().enforcement)]
+    map_size_enforcement: u32,
+    /// Tracked connections.
+    #[arg(long, default_value_t = MapSizes::default().conntrack)]
+    map_size_conntrack: u32,
+    /// Drop event ring buffer, bytes (a power of two ≥ 4096).
+    #[arg(long, default_value_t = MapSizes::default().drops)]
+    drop_ring_bytes: u32,
+    /// Where endpoints registered by clustermesh-cni persist.
+    #[arg(long, default_value = "clustermesh-agent.endpoints.json")]
+    endpoints_file: PathBuf,
     /// How long shutdown waits for the parts to stop.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -124,12 +163,51 @@ struct Args {
 impl Args {
     fn config(self) -> anyhow::Result<AgentConfig> {
         let cluster = self.cluster.config(Capabilities::default())?;
-        if self.datapath != "none" {
+        let sizes = MapSizes {
+            services: self.map_size_services,
+            sockets: self.map_size_sockets,
+            ipcache: self.map_size_ipcache,
+            policy: self.map_size_policy,
+            enforcement: self.map_size_enforcement,
+            conntrack: self.map_size_conntrack,
+            drops: self.drop_ring_bytes,
+        };
+        if let Err(error) = sizes.validate() {
+            let flag = match &error {
+                DatapathError::Size { map, .. } => match *map {
+                    "mesh_svc4" => "--map-size-services",
+                    "mesh_sock4" => "--map-size-sockets",
+                    "mesh_ipc4" => "--map-size-ipcache",
+                    "mesh_policy" => "--map-size-policy",
+                    "mesh_enforce" => "--map-size-enforcement",
+                    "mesh_ct4" => "--map-size-conntrack",
+                    _ => "--drop-ring-bytes",
+                },
+                _ => "--map-size-*",
+            };
+            bail!("{flag}: {error}");
+        }
+        if self.bpf_root.is_empty() || self.bpf_root.contains(['/', '.']) {
             bail!(
-                "--datapath {}: only \"none\" is available yet",
-                self.datapath
+                "--bpf-root {:?}: one directory name without '/' or '.' (bpffs refuses dots)",
+                self.bpf_root
             );
         }
+        let cgroup = self.cgroup.unwrap_or_else(agent::datapath::default_cgroup);
+        if self.datapath != Mode::None && !cgroup.join("cgroup.procs").exists() {
+            bail!("--cgroup {}: not a cgroup v2 directory", cgroup.display());
+        }
+        let datapath = DatapathOptions {
+            mode: self.datapath,
+            bpf: DatapathConfig {
+                bpffs: self.bpffs,
+                root: self.bpf_root,
+                sizes,
+            },
+            cgroup,
+            endpoints_file: (!self.no_state).then_some(self.endpoints_file),
+            max: cluster.max_connected_clusters,
+        };
         let source = match (self.manifests, self.kubeconfig) {
             (Some(dir), _) => {
                 if !dir.is_dir() {
@@ -187,6 +265,7 @@ impl Args {
             },
             forget_after: self.forget_after,
             shutdown_grace: self.shutdown_grace,
+            datapath,
         })
     }
 }

@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// A peer and the health it changed to.
@@ -29,6 +30,22 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
+/// One eBPF map.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    /// The pinned map's name (`mesh_svc4`, …) or `routes`.
+    pub map: String,
+}
+
+/// Why packets were forwarded or dropped, and which way they went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `forward-policy`, `drop-policy-denied`, …
+    pub reason: String,
+    /// `ingress` or `egress`, seen from the pod.
+    pub direction: String,
+}
+
 /// The agent's metrics and the registry that exposes them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -47,6 +64,18 @@ pub struct Metrics {
     pub peers_synced: Gauge,
     /// Peers whose backends are demoted.
     pub peers_stale: Gauge,
+    /// Entries programmed per datapath map.
+    pub datapath_map_entries: Family<MapLabels, Gauge>,
+    /// Capacity per datapath map.
+    pub datapath_map_capacity: Family<MapLabels, Gauge>,
+    /// Entries not written because their map was full.
+    pub datapath_map_full: Family<MapLabels, Counter>,
+    /// Packets seen by the policy program, by reason and direction.
+    pub datapath_packets: Family<ReasonLabels, Counter>,
+    /// Bytes seen by the policy program, by reason and direction.
+    pub datapath_bytes: Family<ReasonLabels, Counter>,
+    /// How long one reconcile of the datapath took.
+    pub datapath_reconcile_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -60,6 +89,12 @@ impl Default for Metrics {
             peers: Gauge::default(),
             peers_synced: Gauge::default(),
             peers_stale: Gauge::default(),
+            datapath_map_entries: Family::default(),
+            datapath_map_capacity: Family::default(),
+            datapath_map_full: Family::default(),
+            datapath_packets: Family::default(),
+            datapath_bytes: Family::default(),
+            datapath_reconcile_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             registry: Registry::default(),
         };
         registry.register(
@@ -88,6 +123,36 @@ impl Default for Metrics {
             "peers_stale",
             "Peers whose backends are demoted",
             metrics.peers_stale.clone(),
+        );
+        registry.register(
+            "datapath_map_entries",
+            "Entries programmed per datapath map",
+            metrics.datapath_map_entries.clone(),
+        );
+        registry.register(
+            "datapath_map_capacity",
+            "Capacity per datapath map (its size flag)",
+            metrics.datapath_map_capacity.clone(),
+        );
+        registry.register(
+            "datapath_map_full",
+            "Entries not written because their datapath map was full",
+            metrics.datapath_map_full.clone(),
+        );
+        registry.register(
+            "datapath_packets",
+            "Packets seen by the policy program, by reason (forward-*, drop-*) and direction",
+            metrics.datapath_packets.clone(),
+        );
+        registry.register(
+            "datapath_bytes",
+            "Bytes seen by the policy program, by reason and direction",
+            metrics.datapath_bytes.clone(),
+        );
+        registry.register(
+            "datapath_reconcile_seconds",
+            "Duration of one datapath reconcile (maps and routes)",
+            metrics.datapath_reconcile_seconds.clone(),
         );
         Metrics {
             registry,

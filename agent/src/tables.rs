@@ -719,7 +719,7 @@ pub(crate) mod tests {
         })
     }
 
-    fn tables() -> impl Strategy<Value = Tables> {
+    pub(crate) fn tables() -> impl Strategy<Value = Tables> {
         (
             vec(service_entry(), 0..6),
             vec(ipcache_entry(), 0..8),

@@ -4,9 +4,11 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use agent::api::{AgentStatus, PolicyView};
+use agent::datapath::{DatapathStatus, DropView};
 use agent::tables::{ANY_IDENTITY, ANY_PORT, BackendState, IpcacheEntry, RouteEntry, ServiceEntry};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use model::endpoint::EndpointRegistration;
 
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
@@ -21,6 +23,12 @@ pub enum AgentCommand {
     Routes(ShowArgs),
     /// Peers: phase, connection, health and what came from each.
     Peers(ShowArgs),
+    /// Recent packets the policy program dropped: who, to whom, why (oldest first).
+    Drops(ShowArgs),
+    /// Pod interfaces registered by clustermesh-cni.
+    Endpoints(ShowArgs),
+    /// The datapath: on or off (and why), map fills, forwarded/dropped counters, errors.
+    Datapath(ShowArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -54,6 +62,9 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
         AgentCommand::Policy(a) => (a, "/v1/policy"),
         AgentCommand::Routes(a) => (a, "/v1/routes"),
         AgentCommand::Peers(a) => (a, "/v1/peers"),
+        AgentCommand::Drops(a) => (a, "/v1/drops"),
+        AgentCommand::Endpoints(a) => (a, "/v1/endpoints"),
+        AgentCommand::Datapath(a) => (a, "/v1/datapath"),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,6 +87,11 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                     AgentCommand::Policy(_) => policy(&serde_json::from_slice(&body)?),
                     AgentCommand::Routes(_) => routes(&serde_json::from_slice::<Vec<_>>(&body)?),
                     AgentCommand::Peers(_) => peers(&serde_json::from_slice(&body)?),
+                    AgentCommand::Drops(_) => drops(&serde_json::from_slice::<Vec<_>>(&body)?),
+                    AgentCommand::Endpoints(_) => {
+                        endpoints(&serde_json::from_slice::<Vec<_>>(&body)?)
+                    }
+                    AgentCommand::Datapath(_) => datapath(&serde_json::from_slice(&body)?),
                 })
             };
             parse().context("the agent sent unexpected JSON")?
@@ -107,6 +123,115 @@ fn columns(header: &[&str], rows: Vec<Vec<String>>) -> String {
         }
         out.push_str(line.trim_end());
         out.push('\n');
+    }
+    out
+}
+
+fn drops(list: &[DropView]) -> String {
+    let rows = list
+        .iter()
+        .map(|d| {
+            let time = humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.time_ms),
+            );
+            vec![
+                time.to_string(),
+                d.endpoint.clone().unwrap_or_else(|| "-".to_owned()),
+                d.direction.clone(),
+                d.protocol.clone(),
+                format!(
+                    "{} (id {}, cluster {})",
+                    d.src, d.src_identity, d.src_cluster
+                ),
+                format!(
+                    "{} (id {}, cluster {})",
+                    d.dst, d.dst_identity, d.dst_cluster
+                ),
+                d.reason.clone(),
+            ]
+        })
+        .collect();
+    columns(
+        &[
+            "TIME",
+            "ENDPOINT",
+            "DIRECTION",
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "REASON",
+        ],
+        rows,
+    )
+}
+
+fn endpoints(list: &[EndpointRegistration]) -> String {
+    let rows = list
+        .iter()
+        .map(|e| {
+            vec![
+                format!("{}/{}", e.namespace, e.pod),
+                e.ip.to_string(),
+                format!("{} ({})", e.host_ifname, e.host_ifindex),
+                e.container_id.clone(),
+            ]
+        })
+        .collect();
+    columns(&["POD", "IP", "HOST INTERFACE", "CONTAINER"], rows)
+}
+
+fn datapath(status: &DatapathStatus) -> String {
+    let mut out = format!("mode: {}\n", status.mode);
+    if let Some(reason) = &status.off_reason {
+        let _ = writeln!(out, "off because: {reason}");
+    }
+    if let Some(dir) = &status.pin_dir {
+        let _ = writeln!(
+            out,
+            "pinned under: {dir} (bpftool map dump pinned {dir}/<map>)"
+        );
+    }
+    if let Some(cgroup) = &status.cgroup {
+        let _ = writeln!(out, "socket load balancer on: {cgroup}");
+    }
+    let _ = writeln!(out, "reconciles: {}", status.reconciles);
+    if !status.maps.is_empty() {
+        out.push('\n');
+        out.push_str(&columns(
+            &["MAP", "ENTRIES", "CAPACITY"],
+            status
+                .maps
+                .iter()
+                .map(|m| vec![m.map.clone(), m.entries.to_string(), m.capacity.to_string()])
+                .collect(),
+        ));
+    }
+    if !status.counters.is_empty() {
+        out.push('\n');
+        out.push_str(&columns(
+            &["REASON", "DIRECTION", "PACKETS", "BYTES"],
+            status
+                .counters
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.reason.clone(),
+                        c.direction.clone(),
+                        c.packets.to_string(),
+                        c.bytes.to_string(),
+                    ]
+                })
+                .collect(),
+        ));
+    }
+    for (table, n) in &status.skipped {
+        let _ = writeln!(
+            out,
+            "not programmable in the IPv4 datapath: {n} {table} entries"
+        );
+    }
+    for error in &status.errors {
+        let _ = writeln!(out, "error: {error}");
     }
     out
 }

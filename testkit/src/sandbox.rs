@@ -94,6 +94,16 @@ impl Netns {
         command
     }
 
+    /// Moves the calling thread into the namespace. Threads it starts afterwards (a tokio
+    /// runtime's workers) and processes it spawns live there too; for a test's own thread,
+    /// which ends with the test.
+    pub fn enter_current_thread(&self) -> Result<(), String> {
+        let file = std::fs::File::open(self.path())
+            .map_err(|e| format!("{}: {e}", self.path().display()))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns {}: {e}", self.name))
+    }
+
     /// Runs `f` on a thread that has entered the namespace (netlink sockets and interface
     /// lookups made there see the namespace's interfaces).
     pub fn within<T: Send + 'static>(

@@ -292,6 +292,15 @@ impl Agent {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        // The control plane alone unless a test asks for the datapath: an eBPF datapath
+        // attaches to a cgroup and pins under bpffs, which these tests must not share.
+        if !extra.iter().any(|a| a == "--datapath") {
+            args.extend(["--datapath".to_owned(), "none".to_owned()]);
+        }
+        args.extend([
+            "--endpoints-file".to_owned(),
+            work.join("endpoints.json").to_str().unwrap().to_owned(),
+        ]);
         args.extend(extra.iter().cloned());
         let mut agent = Agent {
             child: None,
@@ -343,6 +352,19 @@ impl Agent {
 
     pub async fn restart(&mut self) {
         self.terminate();
+        self.spawn().await;
+    }
+
+    /// SIGKILL: nothing is persisted or cleaned up on the way out.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again with the same arguments (after [`Agent::kill`]).
+    pub async fn respawn(&mut self) {
         self.spawn().await;
     }
 
