@@ -667,3 +667,126 @@ async fn restart_scenario() {
     assert!(log.contains("pinned maps reused"), "{log}");
     drop(web_a2);
 }
+
+#[test]
+fn a_full_map_and_an_unloadable_datapath_are_reported_by_name() {
+    on_a_node(limits_scenario);
+}
+
+async fn limits_scenario() {
+    let work = tempfile::tempdir().unwrap();
+    let cgroup = Cgroup::new("dpc").unwrap();
+    let root = BpfRoot::new("dpl");
+    let local = common::cluster_config("a", 1);
+    let local_dir = work.path().join("a");
+    std::fs::create_dir_all(&local_dir).unwrap();
+    let net_a = Network {
+        cluster: "a",
+        pod_cidr: "10.1.1.0/24",
+        data_dir: work.path().join("ipam-a"),
+    };
+    let peers = work.path().join("peers");
+    std::fs::create_dir_all(&peers).unwrap();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--peers-dir",
+            peers.to_str().unwrap(),
+            "--bpf-root",
+            root.name(),
+            "--cgroup",
+            cgroup.path().to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    write_manifests(
+        &local_dir,
+        &manifests("a", 1, "10.1.1.0/24", &[], json!({}), &[]),
+    );
+
+    // Room for 5 service slots: web's two frontends with two backends each need 6.
+    let mut agent = Agent::start(
+        &local,
+        &local_dir,
+        work.path(),
+        &args(&["--datapath", "bpf", "--map-size-services", "5"]),
+    )
+    .await;
+    let api = agent.api.to_string();
+    let web1 = net_a.pod(&api, &cgroup, "web-1", "web", false);
+    let web2 = net_a.pod(&api, &cgroup, "web-2", "web", false);
+    write_manifests(
+        &local_dir,
+        &manifests("a", 1, "10.1.1.0/24", &[&web1, &web2], json!({}), &[]),
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        let status: agent::datapath::DatapathStatus =
+            agent::api::get_json(agent.api, "/v1/datapath")
+                .await
+                .unwrap();
+        if status
+            .errors
+            .iter()
+            .any(|e| e.contains("mesh_svc4 is full"))
+        {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no full-map error: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let services = status.maps.iter().find(|m| m.map == "mesh_svc4").unwrap();
+    assert_eq!((services.entries, services.capacity), (5, 5), "{status:?}");
+    let metrics =
+        String::from_utf8(agent::api::get_raw(agent.api, "/metrics").await.unwrap()).unwrap();
+    assert!(
+        metrics.contains("clustermesh_agent_datapath_map_full_total{map=\"mesh_svc4\"}"),
+        "{metrics}"
+    );
+    assert!(agent.log_text().contains("map mesh_svc4 is full"));
+    agent.kill();
+
+    // The pinned service map now has 5 entries of room; a default-sized agent cannot reuse it:
+    // `auto` runs the control plane alone and says why, `bpf` refuses to start.
+    let mut auto = Agent::start(
+        &local,
+        &local_dir,
+        work.path(),
+        &args(&["--datapath", "auto"]),
+    )
+    .await;
+    let status: agent::datapath::DatapathStatus = agent::api::get_json(auto.api, "/v1/datapath")
+        .await
+        .unwrap();
+    assert_eq!(status.mode, "none", "{status:?}");
+    let reason = status.off_reason.unwrap();
+    assert!(
+        reason.contains("mesh_svc4") && reason.contains("remove the pin"),
+        "{reason}"
+    );
+    assert!(auto.log_text().contains("the eBPF datapath is off"));
+    auto.kill();
+    let out = Command::new(env!("CARGO_BIN_EXE_clustermesh-agent"))
+        .args(["--cluster-name", "a", "--cluster-id", "1", "--manifests"])
+        .arg(&local_dir)
+        .args([
+            "--no-state",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--datapath",
+            "bpf",
+        ])
+        .args(args(&[]))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--datapath bpf") && stderr.contains("mesh_svc4"),
+        "{stderr}"
+    );
+}

@@ -215,11 +215,7 @@ pub struct SledStorage {
 impl SledStorage {
     /// Opens the store, replaying log frames sled had not made durable yet.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(128 * 1024 * 1024)
-            .flush_every_ms(Some(200))
-            .open()?;
+        let db = open_sled(dir)?;
         let sled_log_path = dir.join(SLED_LOG_FILE);
         let sled_log = std::fs::File::open(&sled_log_path).map_err(|source| StorageError::Io {
             path: sled_log_path.clone(),
@@ -292,6 +288,28 @@ impl SledStorage {
         key[0] = LEASE_PREFIX;
         key[1..].copy_from_slice(&(id as u64).to_be_bytes());
         key
+    }
+}
+
+/// Opens sled, waiting up to two seconds for its file lock: a `Db` dropped a moment ago in
+/// this process releases the lock only when sled's background flusher thread has stopped.
+fn open_sled(dir: &Path) -> Result<sled::Db, StorageError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(128 * 1024 * 1024)
+            .flush_every_ms(Some(200))
+            .open();
+        match opened {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 
