@@ -511,30 +511,18 @@ impl Datapath {
     /// against).
     pub fn read_state(&mut self) -> Result<MapState, DatapathError> {
         let mut state = MapState::default();
-        {
-            let map = self.hash::<12, 8>(names::SERVICES)?;
-            for item in map.iter() {
-                let (k, v) = item.map_err(map_error(names::SERVICES))?;
-                state
-                    .services
-                    .insert(Lb4Key::decode(&k), Lb4Slot::decode(&v));
-            }
+        for (k, v) in self.entries::<12, 8>(names::SERVICES)? {
+            state
+                .services
+                .insert(Lb4Key::decode(&k), Lb4Slot::decode(&v));
         }
-        {
-            let map = self.hash::<12, 4>(names::POLICY)?;
-            for item in map.iter() {
-                let (k, v) = item.map_err(map_error(names::POLICY))?;
-                state
-                    .policy
-                    .insert(PolicyKey::decode(&k), PolicyValue::decode(&v));
-            }
+        for (k, v) in self.entries::<12, 4>(names::POLICY)? {
+            state
+                .policy
+                .insert(PolicyKey::decode(&k), PolicyValue::decode(&v));
         }
-        {
-            let map = self.hash::<8, 4>(names::ENFORCEMENT)?;
-            for item in map.iter() {
-                let (k, _) = item.map_err(map_error(names::ENFORCEMENT))?;
-                state.enforcement.insert(EnforcementKey::decode(&k));
-            }
+        for (k, _) in self.entries::<8, 4>(names::ENFORCEMENT)? {
+            state.enforcement.insert(EnforcementKey::decode(&k));
         }
         let map = self.ipcache()?;
         for item in map.iter() {
@@ -612,38 +600,37 @@ impl Datapath {
         }
     }
 
+    /// Every entry of a hash map, as raw bytes.
+    fn entries<const K: usize, const V: usize>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Vec<RawEntry<K, V>>, DatapathError> {
+        let map = self.hash::<K, V>(name)?;
+        map.iter()
+            .map(|item| item.map_err(map_error(name)))
+            .collect()
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
+        self.ebpf.map_mut(name).ok_or_else(|| missing_map(name))
+    }
+
     fn hash<const K: usize, const V: usize>(
         &mut self,
         name: &'static str,
     ) -> Result<HashMap<&mut MapData, [u8; K], [u8; V]>, DatapathError> {
-        let map = self.ebpf.map_mut(name).ok_or_else(|| {
-            map_error(name)(MapError::InvalidName {
-                name: name.to_owned(),
-            })
-        })?;
-        HashMap::try_from(map).map_err(map_error(name))
+        HashMap::try_from(self.map(name)?).map_err(map_error(name))
     }
 
     fn ipcache(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], [u8; 12]>, DatapathError> {
-        let name = names::IPCACHE;
-        let map = self.ebpf.map_mut(name).ok_or_else(|| {
-            map_error(name)(MapError::InvalidName {
-                name: name.to_owned(),
-            })
-        })?;
-        LpmTrie::try_from(map).map_err(map_error(name))
+        LpmTrie::try_from(self.map(names::IPCACHE)?).map_err(map_error(names::IPCACHE))
     }
 
     /// Packets and bytes per reason and direction, summed over CPUs.
     pub fn counters(&mut self) -> Result<Vec<Counter>, DatapathError> {
         let name = names::METRICS;
-        let map = self.ebpf.map_mut(name).ok_or_else(|| {
-            map_error(name)(MapError::InvalidName {
-                name: name.to_owned(),
-            })
-        })?;
         let array: PerCpuArray<&mut MapData, [u8; 16]> =
-            PerCpuArray::try_from(map).map_err(map_error(name))?;
+            PerCpuArray::try_from(self.map(name)?).map_err(map_error(name))?;
         let mut out = Vec::new();
         for reason in Reason::ALL {
             for direction in [crate::maps::DIR_INGRESS, crate::maps::DIR_EGRESS] {
@@ -669,11 +656,7 @@ impl Datapath {
     /// The drop events' ring buffer (taken once; the reader owns it).
     pub fn take_drops(&mut self) -> Result<DropReader, DatapathError> {
         let name = names::DROPS;
-        let map = self.ebpf.take_map(name).ok_or_else(|| {
-            map_error(name)(MapError::InvalidName {
-                name: name.to_owned(),
-            })
-        })?;
+        let map = self.ebpf.take_map(name).ok_or_else(|| missing_map(name))?;
         let ring = RingBuf::try_from(map).map_err(map_error(name))?;
         Ok(DropReader { ring })
     }
@@ -707,6 +690,15 @@ fn chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+/// A map entry's key and value bytes.
+type RawEntry<const K: usize, const V: usize> = ([u8; K], [u8; V]);
+
+fn missing_map(name: &'static str) -> DatapathError {
+    map_error(name)(MapError::InvalidName {
+        name: name.to_owned(),
+    })
 }
 
 fn missing_program(name: &'static str) -> DatapathError {
