@@ -257,67 +257,93 @@ fn underlay() {
     run_ok(Command::new("ip").args(["link", "set", "underlay", "up"])).unwrap();
 }
 
+/// One test's node: a work directory, the cgroup and bpffs root of its agent, cluster a's
+/// manifests directory (no pods yet) and the peers directory.
+struct Node {
+    work: tempfile::TempDir,
+    cgroup: Cgroup,
+    root: BpfRoot,
+    local_dir: PathBuf,
+    peers: PathBuf,
+}
+
+impl Node {
+    fn new(peers: &[&Peer]) -> Node {
+        let work = tempfile::tempdir().unwrap();
+        let local_dir = work.path().join("a");
+        std::fs::create_dir_all(&local_dir).unwrap();
+        write_manifests(
+            &local_dir,
+            &manifests("a", 1, "10.1.1.0/24", &[], json!({}), &[]),
+        );
+        let peers = peers_dir(work.path(), peers);
+        Node {
+            cgroup: Cgroup::new("dpc").unwrap(),
+            root: BpfRoot::new("dpr"),
+            work,
+            local_dir,
+            peers,
+        }
+    }
+
+    /// A cluster's CNI network on this node.
+    fn network(&self, cluster: &'static str, pod_cidr: &'static str) -> Network {
+        Network {
+            cluster,
+            pod_cidr,
+            data_dir: self.work.path().join(format!("ipam-{cluster}")),
+        }
+    }
+
+    /// The arguments every agent of this node gets, then `extra`.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let base = [
+            "--peers-dir",
+            self.peers.to_str().unwrap(),
+            "--bpf-root",
+            self.root.name(),
+            "--cgroup",
+            self.cgroup.path().to_str().unwrap(),
+        ];
+        base.iter().chain(extra).map(|s| (*s).to_owned()).collect()
+    }
+
+    /// Cluster a's agent on this node.
+    async fn agent(&self, extra: &[&str]) -> Agent {
+        let local = common::cluster_config("a", 1);
+        Agent::start(&local, &self.local_dir, self.work.path(), &self.args(extra)).await
+    }
+}
+
 #[test]
 fn global_service_affinity_udp_policy_and_drops_through_the_ebpf_datapath() {
     on_a_node(scenario);
 }
 
 async fn scenario() {
-    let work = tempfile::tempdir().unwrap();
-    let cgroup = Cgroup::new("dpc").unwrap();
-    let root = BpfRoot::new("dpa");
-    let net = |cluster, pod_cidr| Network {
-        cluster,
-        pod_cidr,
-        data_dir: work.path().join(format!("ipam-{cluster}")),
-    };
-    let (net_a, net_b, net_c) = (
-        net("a", "10.1.1.0/24"),
-        net("b", "10.2.1.0/24"),
-        net("c", "10.3.1.0/24"),
-    );
-
     let b = Peer::start("b", 2, &[]).await;
     let c = Peer::start("c", 3, &[]).await;
-    let local = common::cluster_config("a", 1);
-    let local_dir = work.path().join("a");
-    std::fs::create_dir_all(&local_dir).unwrap();
-    write_manifests(
-        &local_dir,
-        &manifests("a", 1, "10.1.1.0/24", &[], json!({}), &[]),
-    );
-    let peers = peers_dir(work.path(), &[&b, &c]);
-    let agent = Agent::start(
-        &local,
-        &local_dir,
-        work.path(),
-        &[
-            "--peers-dir".into(),
-            peers.to_str().unwrap().into(),
-            "--datapath".into(),
-            "bpf".into(),
-            "--bpf-root".into(),
-            root.name().into(),
-            "--cgroup".into(),
-            cgroup.path().to_str().unwrap().into(),
-        ],
-    )
-    .await;
+    let node = Node::new(&[&b, &c]);
+    let (cgroup, local_dir) = (&node.cgroup, &node.local_dir);
+    let net_a = node.network("a", "10.1.1.0/24");
+    let net_b = node.network("b", "10.2.1.0/24");
+    let net_c = node.network("c", "10.3.1.0/24");
+    let agent = node.agent(&["--datapath", "bpf"]).await;
     let api = agent.api.to_string();
 
     // Pods: a's web server and client, b's web server and client, c's client.
-    let web_a = net_a.pod(&api, &cgroup, "web-a", "web", true);
-    let client_a = net_a.pod(&api, &cgroup, "client-a", "client", false);
-    let web_b = net_b.pod(&api, &cgroup, "web-b", "web", true);
-    let client_b = net_b.pod(&api, &cgroup, "client-b", "client", false);
-    let client_c = net_c.pod(&api, &cgroup, "client-c", "client", false);
+    let web_a = net_a.pod(&api, cgroup, "web-a", "web", true);
+    let client_a = net_a.pod(&api, cgroup, "client-a", "client", false);
+    let web_b = net_b.pod(&api, cgroup, "web-b", "web", true);
+    let client_b = net_b.pod(&api, cgroup, "client-b", "client", false);
+    let client_c = net_c.pod(&api, cgroup, "client-c", "client", false);
     let registered: Vec<Value> = agent::api::get_json(agent.api, "/v1/endpoints")
         .await
         .unwrap();
     assert_eq!(registered.len(), 5, "{registered:?}");
 
     write_manifests(
-        &local_dir,
+        local_dir,
         &manifests(
             "a",
             1,
@@ -352,7 +378,7 @@ async fn scenario() {
     let v = wait_for("a's web answering through the VIP", || {
         let v = probe(
             &client_a,
-            &cgroup,
+            cgroup,
             &["--tcp", "10.96.0.10:80", "--count", "20"],
         );
         if answers(&v).get("a/web-a") == Some(&20) {
@@ -367,7 +393,7 @@ async fn scenario() {
     // UDP through the VIP: answered from the VIP.
     let v = probe(
         &client_a,
-        &cgroup,
+        cgroup,
         &["--udp", "10.96.0.10:53", "--count", "10"],
     );
     assert_eq!(v["failures"], 0, "{v}");
@@ -377,11 +403,7 @@ async fn scenario() {
     // reported.
     let target = format!("{}:8080", web_a.ip);
     let v = wait_for("b's client allowed into a's web", || {
-        let v = probe(
-            &client_b,
-            &cgroup,
-            &["--tcp", &target, "--timeout", "500ms"],
-        );
+        let v = probe(&client_b, cgroup, &["--tcp", &target, "--timeout", "500ms"]);
         if v["failures"] == 0 {
             Ok(v)
         } else {
@@ -390,11 +412,7 @@ async fn scenario() {
     })
     .await;
     assert_eq!(answers(&v).get("a/web-a"), Some(&1));
-    let v = probe(
-        &client_c,
-        &cgroup,
-        &["--tcp", &target, "--timeout", "500ms"],
-    );
+    let v = probe(&client_c, cgroup, &["--tcp", &target, "--timeout", "500ms"]);
     assert_eq!(v["failures"], 1, "c's client must be dropped: {v}");
     let deadline = Instant::now() + TIMEOUT;
     let drops = loop {
@@ -425,12 +443,17 @@ async fn scenario() {
             .any(|d| d.src.starts_with(&format!("{}:", client_b.ip))),
         "{drops:?}"
     );
-    let metrics =
-        String::from_utf8(agent::api::get_raw(agent.api, "/metrics").await.unwrap()).unwrap();
-    assert!(
-        metrics.contains("clustermesh_agent_datapath_packets_total{reason=\"drop-policy-denied\",direction=\"ingress\"}"),
-        "{metrics}"
-    );
+    // The counters are read from the kernel once a second.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let metrics =
+            String::from_utf8(agent::api::get_raw(agent.api, "/metrics").await.unwrap()).unwrap();
+        if metrics.contains("clustermesh_agent_datapath_packets_total{reason=\"drop-policy-denied\",direction=\"ingress\"}") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no drop counted: {metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Routes to the peers' pod CIDRs via their nodes, marked as ours.
     let routes = run_ok(Command::new("ip").args(["route", "show", "proto", "196"])).unwrap();
@@ -439,7 +462,7 @@ async fn scenario() {
 
     // The local backend goes: b's takes over within a second of the manifest change.
     write_manifests(
-        &local_dir,
+        local_dir,
         &manifests(
             "a",
             1,
@@ -453,7 +476,7 @@ async fn scenario() {
     wait_for("b's web answering after a's left", || {
         let v = probe(
             &client_a,
-            &cgroup,
+            cgroup,
             &["--tcp", "10.96.0.10:80", "--timeout", "200ms"],
         );
         if answers(&v).get("b/web-b") == Some(&1) {
@@ -468,7 +491,7 @@ async fn scenario() {
     assert!(failover < Duration::from_secs(1), "took {failover:?}");
 
     // The inspection path the README documents.
-    let pinned = root.path().join("mesh_svc4");
+    let pinned = node.root.path().join("mesh_svc4");
     let dump = run_ok(
         Command::new("bpftool")
             .args(["map", "dump", "pinned"])
@@ -518,51 +541,19 @@ fn connections_survive_an_agent_sigkill_and_no_stale_backend_remains() {
 }
 
 async fn restart_scenario() {
-    let work = tempfile::tempdir().unwrap();
-    let cgroup = Cgroup::new("dpc").unwrap();
-    let root = BpfRoot::new("dpr");
-    let net_a = Network {
-        cluster: "a",
-        pod_cidr: "10.1.1.0/24",
-        data_dir: work.path().join("ipam-a"),
-    };
-    let net_b = Network {
-        cluster: "b",
-        pod_cidr: "10.2.1.0/24",
-        data_dir: work.path().join("ipam-b"),
-    };
     let b = Peer::start("b", 2, &[]).await;
-    let local = common::cluster_config("a", 1);
-    let local_dir = work.path().join("a");
-    std::fs::create_dir_all(&local_dir).unwrap();
-    write_manifests(
-        &local_dir,
-        &manifests("a", 1, "10.1.1.0/24", &[], json!({}), &[]),
-    );
-    let peers = peers_dir(work.path(), &[&b]);
-    let mut agent = Agent::start(
-        &local,
-        &local_dir,
-        work.path(),
-        &[
-            "--peers-dir".into(),
-            peers.to_str().unwrap().into(),
-            "--datapath".into(),
-            "bpf".into(),
-            "--bpf-root".into(),
-            root.name().into(),
-            "--cgroup".into(),
-            cgroup.path().to_str().unwrap().into(),
-        ],
-    )
-    .await;
+    let node = Node::new(&[&b]);
+    let (cgroup, local_dir) = (&node.cgroup, &node.local_dir);
+    let net_a = node.network("a", "10.1.1.0/24");
+    let net_b = node.network("b", "10.2.1.0/24");
+    let mut agent = node.agent(&["--datapath", "bpf"]).await;
     let api = agent.api.to_string();
-    let web_a1 = net_a.pod(&api, &cgroup, "web-a1", "web", true);
-    let web_a2 = net_a.pod(&api, &cgroup, "web-a2", "web", true);
-    let client = net_a.pod(&api, &cgroup, "client", "client", false);
-    let web_b = net_b.pod(&api, &cgroup, "web-b", "web", true);
+    let web_a1 = net_a.pod(&api, cgroup, "web-a1", "web", true);
+    let web_a2 = net_a.pod(&api, cgroup, "web-a2", "web", true);
+    let client = net_a.pod(&api, cgroup, "client", "client", false);
+    let web_b = net_b.pod(&api, cgroup, "web-b", "web", true);
     write_manifests(
-        &local_dir,
+        local_dir,
         &manifests(
             "a",
             1,
@@ -582,7 +573,7 @@ async fn restart_scenario() {
     wait_for("every web backend answering through the VIP", || {
         let v = probe(
             &client,
-            &cgroup,
+            cgroup,
             &["--tcp", "10.96.0.10:80", "--count", "30"],
         );
         if answers(&v).len() == 3 && v["failures"] == 0 {
@@ -597,7 +588,7 @@ async fn restart_scenario() {
     let spawn = |args: &[&str]| {
         client
             .ns
-            .command_in(&cgroup, echo())
+            .command_in(cgroup, echo())
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -628,7 +619,7 @@ async fn restart_scenario() {
     // answering, so only a stale map entry could still send it traffic).
     agent.kill();
     write_manifests(
-        &local_dir,
+        local_dir,
         &manifests("a", 1, "10.1.1.0/24", &[&web_a1, &client], json!({}), &[]),
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -654,7 +645,7 @@ async fn restart_scenario() {
         .await;
     let v = probe(
         &client,
-        &cgroup,
+        cgroup,
         &["--tcp", "10.96.0.10:80", "--count", "40"],
     );
     assert_eq!(v["failures"], 0, "{v}");
@@ -674,52 +665,19 @@ fn a_full_map_and_an_unloadable_datapath_are_reported_by_name() {
 }
 
 async fn limits_scenario() {
-    let work = tempfile::tempdir().unwrap();
-    let cgroup = Cgroup::new("dpc").unwrap();
-    let root = BpfRoot::new("dpl");
-    let local = common::cluster_config("a", 1);
-    let local_dir = work.path().join("a");
-    std::fs::create_dir_all(&local_dir).unwrap();
-    let net_a = Network {
-        cluster: "a",
-        pod_cidr: "10.1.1.0/24",
-        data_dir: work.path().join("ipam-a"),
-    };
-    let peers = work.path().join("peers");
-    std::fs::create_dir_all(&peers).unwrap();
-    let args = |extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--peers-dir",
-            peers.to_str().unwrap(),
-            "--bpf-root",
-            root.name(),
-            "--cgroup",
-            cgroup.path().to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        args
-    };
-    write_manifests(
-        &local_dir,
-        &manifests("a", 1, "10.1.1.0/24", &[], json!({}), &[]),
-    );
+    let node = Node::new(&[]);
+    let (cgroup, local_dir) = (&node.cgroup, &node.local_dir);
+    let net_a = node.network("a", "10.1.1.0/24");
 
     // Room for 5 service slots: web's two frontends with two backends each need 6.
-    let mut agent = Agent::start(
-        &local,
-        &local_dir,
-        work.path(),
-        &args(&["--datapath", "bpf", "--map-size-services", "5"]),
-    )
-    .await;
+    let mut agent = node
+        .agent(&["--datapath", "bpf", "--map-size-services", "5"])
+        .await;
     let api = agent.api.to_string();
-    let web1 = net_a.pod(&api, &cgroup, "web-1", "web", false);
-    let web2 = net_a.pod(&api, &cgroup, "web-2", "web", false);
+    let web1 = net_a.pod(&api, cgroup, "web-1", "web", false);
+    let web2 = net_a.pod(&api, cgroup, "web-2", "web", false);
     write_manifests(
-        &local_dir,
+        local_dir,
         &manifests("a", 1, "10.1.1.0/24", &[&web1, &web2], json!({}), &[]),
     );
     let deadline = Instant::now() + TIMEOUT;
@@ -751,13 +709,7 @@ async fn limits_scenario() {
 
     // The pinned service map now has 5 entries of room; a default-sized agent cannot reuse it:
     // `auto` runs the control plane alone and says why, `bpf` refuses to start.
-    let mut auto = Agent::start(
-        &local,
-        &local_dir,
-        work.path(),
-        &args(&["--datapath", "auto"]),
-    )
-    .await;
+    let mut auto = node.agent(&["--datapath", "auto"]).await;
     let status: agent::datapath::DatapathStatus = agent::api::get_json(auto.api, "/v1/datapath")
         .await
         .unwrap();
@@ -771,7 +723,7 @@ async fn limits_scenario() {
     auto.kill();
     let out = Command::new(env!("CARGO_BIN_EXE_clustermesh-agent"))
         .args(["--cluster-name", "a", "--cluster-id", "1", "--manifests"])
-        .arg(&local_dir)
+        .arg(local_dir)
         .args([
             "--no-state",
             "--api-listen",
@@ -779,7 +731,7 @@ async fn limits_scenario() {
             "--datapath",
             "bpf",
         ])
-        .args(args(&[]))
+        .args(node.args(&[]))
         .env("NO_COLOR", "1")
         .output()
         .unwrap();
