@@ -8,10 +8,14 @@
 //!     [--backends 10] [--skip-iptables] [--json FILE]
 //! ```
 //!
-//! Root only. Everything happens in a network namespace the bench creates (loopback only):
-//! backends are addresses 10.244.0.1..=N on its `lo` with one listener, VIPs are 10.96.x.y.
-//! Each run measures every mode at every size; the table shows the median over runs of each
-//! run's p50/p99, with the spread (min–max) of the p50s.
+//! Root only. Everything happens in network namespaces the bench creates (loopback only):
+//! backends are addresses 10.244.0.1..=N on each namespace's `lo` with one listener; our VIPs
+//! are 10.96.x.y, the iptables VIPs 10.97.x.y (the bench process sits in the cgroup our
+//! programs attach to, so its iptables connects also pay our programs' one failed lookup).
+//! The modes are measured interleaved, connect by connect (sockets are made in each mode's
+//! namespace beforehand), so machine noise falls on all of them alike. Each run measures every
+//! size; the table shows the median over runs of each run's p50/p99, with the spread
+//! (min–max) of the p50s.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
@@ -69,14 +73,24 @@ fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
+fn iptables_vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
 fn backend(j: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 0, (j + 1) as u8)
 }
 
-/// One connect, closed with RST (no TIME_WAIT piles up); its duration.
-fn connect_once(to: SocketAddrV4) -> Duration {
+/// A socket that closes with RST (no TIME_WAIT piles up), made in the calling thread's
+/// namespace.
+fn socket() -> Socket {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     socket.set_linger(Some(Duration::ZERO)).unwrap();
+    socket
+}
+
+/// One connect on a prepared socket; its duration.
+fn connect(socket: &Socket, to: SocketAddrV4) -> Duration {
     let started = Instant::now();
     socket
         .connect(&SocketAddr::V4(to).into())
@@ -84,18 +98,52 @@ fn connect_once(to: SocketAddrV4) -> Duration {
     started.elapsed()
 }
 
-/// p50 and p99 of `samples` connects to random targets, in µs.
-fn measure(targets: &[SocketAddrV4], samples: usize) -> (f64, f64) {
-    for t in targets.iter().take(50) {
-        connect_once(*t);
+/// One mode: where its sockets are made and what it connects to.
+struct Mode<'a> {
+    name: &'static str,
+    ns: &'a Netns,
+    targets: Vec<SocketAddrV4>,
+    times: Vec<Duration>,
+}
+
+/// `samples` connects per mode, interleaved: the k-th connect of every mode back to back (in
+/// rotating order),
+/// on sockets made beforehand in batches, each to a target spread over the mode's list.
+fn measure(modes: &mut [Mode<'_>], samples: usize) {
+    const BATCH: usize = 100;
+    let mut done = 0;
+    while done < samples {
+        let n = BATCH.min(samples - done);
+        let mut batches: Vec<std::vec::IntoIter<Socket>> = modes
+            .iter()
+            .map(|m| {
+                let sockets: Vec<Socket> =
+                    m.ns.within(move || (0..n).map(|_| socket()).collect())
+                        .unwrap();
+                sockets.into_iter()
+            })
+            .collect();
+        let count = modes.len();
+        for k in 0..n {
+            // Each connect takes every position in turn, so none pays for the one before.
+            for i in 0..count {
+                let m = (i + k) % count;
+                let mode = &mut modes[m];
+                let target = mode.targets[((done + k) * 7919) % mode.targets.len()];
+                let socket = batches[m].next().expect("one socket per connect");
+                let took = connect(&socket, target);
+                // The first batch warms caches and conntrack up.
+                if done > 0 || samples <= BATCH {
+                    mode.times.push(took);
+                }
+            }
+        }
+        done += n;
     }
-    let mut times: Vec<Duration> = (0..samples)
-        .map(|i| {
-            // A cheap spread over every target.
-            let t = targets[(i * 7919) % targets.len()];
-            connect_once(t)
-        })
-        .collect();
+}
+
+/// p50 and p99 in µs.
+fn percentiles(times: &mut [Duration]) -> (f64, f64) {
     times.sort();
     let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
     (
@@ -113,7 +161,7 @@ fn iptables_rules(services: usize, backends: usize) -> String {
         chains.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n"));
         rules.push_str(&format!(
             "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport {PORT} -j KUBE-SVC-{i}\n",
-            vip(i)
+            iptables_vip(i)
         ));
         for j in 0..backends {
             chains.push_str(&format!(":KUBE-SEP-{i}-{j} - [0:0]\n"));
@@ -167,8 +215,10 @@ fn namespace(backends: usize) -> Netns {
         ]))
         .unwrap();
     }
-    run_ok(Command::new("ip").args(["-n", ns.name(), "route", "add", "10.96.0.0/16", "dev", "lo"]))
-        .unwrap();
+    for vips in ["10.96.0.0/16", "10.97.0.0/16"] {
+        run_ok(Command::new("ip").args(["-n", ns.name(), "route", "add", vips, "dev", "lo"]))
+            .unwrap();
+    }
     ns
 }
 
@@ -192,15 +242,55 @@ fn serve(ns: &Netns) {
     });
 }
 
-/// Runs `f` on a thread inside `ns`.
-fn within<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    ns.within(f).unwrap()
-}
-
 #[derive(Default)]
 struct Row {
     /// mode → per-run (p50, p99)
     modes: BTreeMap<&'static str, Vec<(f64, f64)>>,
+}
+
+/// Seconds to program `desired` into a fresh, empty datapath, and to apply a change of one
+/// backend of one service (diff over the whole state + apply) to `dp`.
+fn program_times(
+    config: &DatapathConfig,
+    dp: &mut Datapath,
+    actual: &mut MapState,
+    desired: &MapState,
+    backends: &[(Ipv4Addr, u16)],
+    size: usize,
+) -> (f64, f64) {
+    let fresh_root = format!("{}f", config.root);
+    let mut fresh = Datapath::load(&DatapathConfig {
+        root: fresh_root.clone(),
+        ..config.clone()
+    })
+    .unwrap();
+    let mut empty = MapState::default();
+    let started = Instant::now();
+    let errors = fresh.apply(&diff(desired, &empty), &mut empty);
+    let full = started.elapsed().as_secs_f64();
+    assert!(errors.is_empty(), "{errors:?}");
+    drop(fresh);
+    let _ = std::fs::remove_dir_all(config.bpffs.join(fresh_root));
+
+    let mut changed = desired.clone();
+    let mut one = backends.to_vec();
+    one[0] = (backend(backends.len() - 1), BACKEND_PORT + 1);
+    changed.set_frontend(
+        Frontend4 {
+            ip: vip(size / 2),
+            port: PORT,
+            proto: 6,
+        },
+        &one,
+    );
+    let started = Instant::now();
+    let ops = diff(&changed, actual);
+    let errors = dp.apply(&ops, actual);
+    let one_change = started.elapsed().as_secs_f64();
+    assert!(errors.is_empty() && ops.len() == 1, "{ops:?} {errors:?}");
+    // Back, for the measurement.
+    dp.apply(&diff(desired, actual), actual);
+    (full, one_change)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -225,47 +315,8 @@ fn main() {
 
     for run in 0..o.runs {
         eprintln!("run {}/{}", run + 1, o.runs);
-        // iptables, one namespace per backend and size (the process is in no mesh cgroup).
-        if o.iptables {
-            for tool in ["iptables-nft-restore", "iptables-legacy-restore"] {
-                for &size in &o.sizes {
-                    let ns = namespace(o.backends);
-                    serve(&ns);
-                    let rules = iptables_rules(size, o.backends);
-                    let took = within(&ns, {
-                        let tool = tool.to_owned();
-                        move || restore(&tool, &rules)
-                    });
-                    restore_times
-                        .entry((tool, size))
-                        .or_default()
-                        .push(took.as_secs_f64());
-                    let targets: Vec<SocketAddrV4> =
-                        (0..size).map(|i| SocketAddrV4::new(vip(i), PORT)).collect();
-                    let samples = o.samples;
-                    let result = within(&ns, move || measure(&targets, samples));
-                    let mode = if tool.contains("nft") {
-                        "iptables-nft"
-                    } else {
-                        "iptables-legacy"
-                    };
-                    rows.entry(size)
-                        .or_default()
-                        .modes
-                        .entry(mode)
-                        .or_default()
-                        .push(result);
-                    eprintln!(
-                        "  {mode} {size}: p50 {:.1} µs p99 {:.1} µs",
-                        result.0, result.1
-                    );
-                }
-            }
-        }
-
-        // Our socket load balancer: this process joins the cgroup the programs attach to.
-        let ns = namespace(o.backends);
-        serve(&ns);
+        let lb_ns = namespace(o.backends);
+        serve(&lb_ns);
         let cgroup = Cgroup::new("bcg").unwrap();
         let root = BpfRoot::new("bcb");
         let config = DatapathConfig {
@@ -290,11 +341,11 @@ fn main() {
         )
         .unwrap();
         let mut actual = MapState::default();
+        let backends: Vec<(Ipv4Addr, u16)> = (0..o.backends)
+            .map(|j| (backend(j), BACKEND_PORT))
+            .collect();
         for &size in &o.sizes {
             let mut desired = MapState::default();
-            let backends: Vec<(Ipv4Addr, u16)> = (0..o.backends)
-                .map(|j| (backend(j), BACKEND_PORT))
-                .collect();
             for i in 0..size {
                 desired.set_frontend(
                     Frontend4 {
@@ -308,52 +359,66 @@ fn main() {
             let errors = dp.apply(&diff(&desired, &actual), &mut actual);
             assert!(errors.is_empty(), "{errors:?}");
             if size == max {
-                // From empty: a fresh datapath programs every service.
-                let mut fresh = Datapath::load(&DatapathConfig {
-                    root: format!("{}f", root.name()),
-                    ..config.clone()
-                })
-                .unwrap();
-                let mut empty = MapState::default();
-                let started = Instant::now();
-                let errors = fresh.apply(&diff(&desired, &empty), &mut empty);
-                program_full.push(started.elapsed().as_secs_f64());
-                assert!(errors.is_empty(), "{errors:?}");
-                drop(fresh);
-                let _ = std::fs::remove_dir_all(root.bpffs().join(format!("{}f", root.name())));
-                // One backend of one service changes: diff over the whole state + apply.
-                let mut changed = desired.clone();
-                let mut one = backends.clone();
-                one[0] = (backend(o.backends - 1), BACKEND_PORT + 1);
-                changed.set_frontend(
-                    Frontend4 {
-                        ip: vip(size / 2),
-                        port: PORT,
-                        proto: 6,
-                    },
-                    &one,
-                );
-                let started = Instant::now();
-                let ops = diff(&changed, &actual);
-                let errors = dp.apply(&ops, &mut actual);
-                program_one.push(started.elapsed().as_secs_f64());
-                assert!(errors.is_empty() && ops.len() == 1, "{ops:?} {errors:?}");
-                // And back, for the measurement below.
-                dp.apply(&diff(&desired, &actual), &mut actual);
+                let (full, one) =
+                    program_times(&config, &mut dp, &mut actual, &desired, &backends, size);
+                program_full.push(full);
+                program_one.push(one);
             }
-            let targets: Vec<SocketAddrV4> =
+            // The same services as iptables rules, one namespace per backend.
+            let mut iptables = Vec::new();
+            if o.iptables {
+                for (tool, mode) in [
+                    ("iptables-nft-restore", "iptables-nft"),
+                    ("iptables-legacy-restore", "iptables-legacy"),
+                ] {
+                    let ns = namespace(o.backends);
+                    serve(&ns);
+                    let rules = iptables_rules(size, o.backends);
+                    let took = ns.within(move || restore(tool, &rules)).unwrap();
+                    restore_times
+                        .entry((tool, size))
+                        .or_default()
+                        .push(took.as_secs_f64());
+                    iptables.push((mode, ns));
+                }
+            }
+            let services: Vec<SocketAddrV4> =
                 (0..size).map(|i| SocketAddrV4::new(vip(i), PORT)).collect();
-            let samples = o.samples;
-            let lb = within(&ns, move || measure(&targets, samples));
-            let direct_targets = backend_targets.clone();
-            let direct = within(&ns, move || measure(&direct_targets, samples));
+            let iptables_services: Vec<SocketAddrV4> = (0..size)
+                .map(|i| SocketAddrV4::new(iptables_vip(i), PORT))
+                .collect();
+            let mut modes = vec![
+                Mode {
+                    name: "direct",
+                    ns: &lb_ns,
+                    targets: backend_targets.clone(),
+                    times: Vec::new(),
+                },
+                Mode {
+                    name: "socket-lb",
+                    ns: &lb_ns,
+                    targets: services,
+                    times: Vec::new(),
+                },
+            ];
+            for (mode, ns) in &iptables {
+                modes.push(Mode {
+                    name: mode,
+                    ns,
+                    targets: iptables_services.clone(),
+                    times: Vec::new(),
+                });
+            }
+            measure(&mut modes, o.samples);
             let row = rows.entry(size).or_default();
-            row.modes.entry("socket-lb").or_default().push(lb);
-            row.modes.entry("direct").or_default().push(direct);
-            eprintln!(
-                "  socket-lb {size}: p50 {:.1} µs p99 {:.1} µs (direct p50 {:.1} µs)",
-                lb.0, lb.1, direct.0
-            );
+            for mode in &mut modes {
+                let result = percentiles(&mut mode.times);
+                eprintln!(
+                    "  {size} {}: p50 {:.1} µs p99 {:.1} µs",
+                    mode.name, result.0, result.1
+                );
+                row.modes.entry(mode.name).or_default().push(result);
+            }
         }
         std::fs::write(
             testkit::sandbox::cgroup2_root()
@@ -362,7 +427,6 @@ fn main() {
             std::process::id().to_string(),
         )
         .expect("leaving the bench cgroup");
-        drop(dp);
     }
 
     report(&o, &rows, &restore_times, &program_full, &program_one);
@@ -387,7 +451,7 @@ fn report(
         )
     };
     println!(
-        "\nconnect() latency, µs: median over {} runs of each run's p50 / p99 ({} connects each); [p50 spread]",
+        "\nconnect() latency, µs: median over {} runs of each run's p50 / p99 ({} connects per mode, interleaved); [p50 spread]",
         o.runs, o.samples
     );
     println!(
