@@ -14,6 +14,7 @@ mod codec;
 mod config;
 mod error;
 mod lease;
+mod merged;
 pub mod provision;
 mod watch;
 
@@ -34,6 +35,7 @@ pub use codec::{Codec, JsonCodec, RawCodec, StringCodec};
 pub use config::{ClientConfig, Limits, TlsFiles};
 pub use error::{BoxError, ConfigError, Error, Result};
 pub use lease::{LeaseHandle, LeaseId, LeaseLost};
+pub use merged::{KeyChange, MergeError, MergedWatch, RevisionStream};
 pub use watch::{WatchConfig, WatchEvent, WatchStream};
 
 use error::classify;
@@ -483,7 +485,7 @@ impl<C: Codec> TypedClient<C> {
     /// the listing starts over (a few times) at the new current revision.
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), prefix))]
     pub async fn list_prefix(&self, prefix: &str) -> Result<Listing<C::Value>> {
-        let (listing, _) = self.list(prefix, true).await?;
+        let (listing, _) = self.list(&[prefix], true).await?;
         Ok(listing)
     }
 
@@ -494,30 +496,60 @@ impl<C: Codec> TypedClient<C> {
         &self,
         prefix: &str,
     ) -> Result<(Listing<C::Value>, Vec<Error>)> {
-        self.list(prefix, false).await
+        self.list(&[prefix], false).await
     }
 
-    async fn list(&self, prefix: &str, strict: bool) -> Result<(Listing<C::Value>, Vec<Error>)> {
+    /// Every entry under any of `prefixes`, all read at one revision (the first page's), so
+    /// the listing is one consistent snapshot to watch on from; entries that do not decode
+    /// are returned as [`Error::Decode`] errors beside it. Entries are sorted by key within
+    /// each prefix, prefixes in the order given.
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints()))]
+    pub async fn list_prefixes_lenient(
+        &self,
+        prefixes: &[&str],
+    ) -> Result<(Listing<C::Value>, Vec<Error>)> {
+        self.list(prefixes, false).await
+    }
+
+    async fn list(
+        &self,
+        prefixes: &[&str],
+        strict: bool,
+    ) -> Result<(Listing<C::Value>, Vec<Error>)> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let mut entries = Vec::new();
             let mut invalid = Vec::new();
-            let result = self
-                .list_pages(prefix, |kv| match self.decode_entry(kv) {
-                    Ok(entry) => {
-                        entries.push(entry);
-                        Ok(())
-                    }
-                    Err(err) if !strict => {
-                        invalid.push(err);
-                        Ok(())
-                    }
-                    Err(err) => Err(err),
-                })
-                .await;
+            let mut at = None;
+            let mut result = Ok(0);
+            for prefix in prefixes {
+                result = self
+                    .list_pages(prefix, at, |kv| match self.decode_entry(kv) {
+                        Ok(entry) => {
+                            entries.push(entry);
+                            Ok(())
+                        }
+                        Err(err) if !strict => {
+                            invalid.push(err);
+                            Ok(())
+                        }
+                        Err(err) => Err(err),
+                    })
+                    .await;
+                match result {
+                    Ok(revision) => at = Some(revision),
+                    Err(_) => break,
+                }
+            }
             match result {
-                Ok(revision) => return Ok((Listing { revision, entries }, invalid)),
+                Ok(_) => {
+                    let revision = match at {
+                        Some(revision) => revision,
+                        None => self.client.status().await?.revision,
+                    };
+                    return Ok((Listing { revision, entries }, invalid));
+                }
                 Err(err @ Error::Compacted { .. }) if attempt < LIST_ATTEMPTS => {
                     tracing::debug!(error = %err, attempt, "listing revision compacted, listing again");
                 }
@@ -526,16 +558,18 @@ impl<C: Codec> TypedClient<C> {
         }
     }
 
-    /// Reads the prefix page by page at the revision of the first page; returns it.
+    /// Reads the prefix page by page at revision `at`, or else at the revision of the first
+    /// page; returns the revision read at.
     async fn list_pages(
         &self,
         prefix: &str,
+        at: Option<i64>,
         mut each: impl FnMut(KeyValue) -> Result<()>,
     ) -> Result<i64> {
         let end = prefix_range_end(prefix.as_bytes());
         let page = i64::from(self.client.limits().list_page_size);
         let mut start = range_start(prefix);
-        let mut revision = 0i64;
+        let mut revision = at.unwrap_or(0);
         let mut kv = self.client.kv_client();
         loop {
             let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::FutureExt;
-use kvstore::client::{ClientConfig, StoreClient, WatchConfig, WatchEvent, WatchStream};
+use kvstore::client::{ClientConfig, MergeError, MergedWatch, StoreClient, WatchStream};
 use model::keys::{
     CACHE_ROOT, CLUSTER_CONFIG_ROOT, HEARTBEAT_KEY, STATE_ROOT, SYNCED_ROOT, cluster_config_key,
 };
@@ -30,7 +30,6 @@ use model::{ClusterConfig, ClusterName};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -64,8 +63,8 @@ pub struct WatchTiming {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
-    /// Keys per page when listing.
-    pub list_page_size: i64,
+    /// Keys per page when listing (at least; a store client configured larger keeps its).
+    pub list_page_size: u32,
 }
 
 impl Default for WatchTiming {
@@ -88,25 +87,6 @@ pub enum RemoteError {
     /// The store client refused or failed a request.
     #[error("store: {0}")]
     Store(#[from] kvstore::client::Error),
-    /// A raw etcd request failed.
-    #[error("{op}: {source}")]
-    Etcd {
-        /// The request.
-        op: &'static str,
-        /// The failure.
-        source: etcd_client::Error,
-    },
-    /// A request took longer than the timeout.
-    #[error("{op}: no answer within {after:?}")]
-    Timeout {
-        /// The request.
-        op: &'static str,
-        /// The timeout.
-        after: Duration,
-    },
-    /// The store's answer did not make sense.
-    #[error("{0}")]
-    Protocol(String),
     /// A watch stream failed; resume from the revision reached.
     #[error("watch broken: {0}")]
     Broken(String),
@@ -121,207 +101,62 @@ pub enum RemoteError {
     Closed,
 }
 
-/// One change of a key, without its revision (changes are handed out per revision).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyEvent {
-    /// The key.
-    pub key: String,
-    /// The new value; `None` for a deletion.
-    pub value: Option<Vec<u8>>,
-}
+/// One change of a key (the store client's type: changes are handed out per revision).
+pub use kvstore::client::KeyChange as KeyEvent;
 
-/// Every key under `prefixes` at one revision (the revision of the first page), paged.
+/// Every key under `prefixes` at one revision (the store client's paged listing).
 pub async fn list_at(
     client: &StoreClient,
     prefixes: &[String],
-    page: i64,
 ) -> Result<(i64, Vec<KeyEvent>), RemoteError> {
-    let mut kv = client
-        .etcd()
-        .kv_client()
-        .max_decoding_message_size(64 * 1024 * 1024);
-    let timeout = client.request_timeout();
-    let mut revision = 0i64;
-    let mut out = Vec::new();
-    for prefix in prefixes {
-        let end = kvstore::client::prefix_range_end(prefix.as_bytes());
-        let mut start = prefix.as_bytes().to_vec();
-        loop {
-            let mut options = etcd_client::GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(page);
-            if revision > 0 {
-                options = options.with_revision(revision);
-            }
-            let mut resp =
-                match tokio::time::timeout(timeout, kv.get(start.clone(), Some(options))).await {
-                    Ok(Ok(resp)) => resp,
-                    Ok(Err(source)) => {
-                        if source.to_string().contains("compacted") {
-                            return Err(RemoteError::Compacted);
-                        }
-                        return Err(RemoteError::Etcd { op: "list", source });
-                    }
-                    Err(_) => {
-                        return Err(RemoteError::Timeout {
-                            op: "list",
-                            after: timeout,
-                        });
-                    }
-                };
-            if revision == 0 {
-                revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
-                    RemoteError::Protocol("a range response without header".into())
-                })?;
-            }
-            let more = resp.more();
-            let kvs = resp.take_kvs();
-            let Some(last) = kvs.last() else {
-                break;
-            };
-            start = last.key().to_vec();
-            start.push(0);
-            for kv in kvs {
-                let (key, value) = kv.into_key_value();
-                match String::from_utf8(key) {
-                    Ok(key) => out.push(KeyEvent {
-                        key,
-                        value: Some(value),
-                    }),
-                    Err(e) => {
-                        tracing::warn!(key = %String::from_utf8_lossy(e.as_bytes()), "ignoring a key that is not UTF-8")
-                    }
-                }
-            }
-            if !more {
-                break;
-            }
-        }
+    let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    let (listing, invalid) = client
+        .raw()
+        .list_prefixes_lenient(&prefixes)
+        .await
+        .map_err(relist_or_store)?;
+    for error in invalid {
+        tracing::warn!(%error, "ignoring a key that cannot be read");
     }
-    Ok((revision, out))
-}
-
-/// Watches of several prefixes handed out as one stream of whole revisions, in order.
-///
-/// A revision is handed out once every watch is known to have delivered everything up to it
-/// (by its own events or a progress notification), so the changes of one store transaction
-/// arrive together even when they span prefixes, and a deletion is never applied before a
-/// canary deletion of the same or an earlier revision. Waiting for the other watches costs up
-/// to the progress interval, so writes that ordering cannot hurt (`early` keys: entry and
-/// status writes, never deletions or canaries) are handed out at once unless a change of the
-/// same key is queued ahead of them.
-#[derive(Debug)]
-pub struct MergedWatch {
-    streams: StreamMap<usize, WatchStream<Vec<u8>>>,
-    frontiers: Vec<i64>,
-    pending: BTreeMap<i64, Vec<KeyEvent>>,
-    ready: std::collections::VecDeque<(i64, Vec<KeyEvent>)>,
-    early: fn(&str) -> bool,
-}
-
-impl MergedWatch {
-    /// Watches `prefixes` from revision `from`; writes of keys for which `early` holds may
-    /// be handed out ahead of the other watches' progress.
-    pub async fn open(
-        client: &StoreClient,
-        prefixes: &[String],
-        from: i64,
-        progress: Duration,
-        early: fn(&str) -> bool,
-    ) -> Result<Self, RemoteError> {
-        let config = WatchConfig {
-            progress_request_interval: Some(progress),
-            buffer: 64,
-        };
-        let raw = client.raw();
-        let mut streams = StreamMap::new();
-        for (i, prefix) in prefixes.iter().enumerate() {
-            streams.insert(i, raw.watch_prefix_with(prefix, from, &config).await?);
-        }
-        Ok(MergedWatch {
-            streams,
-            frontiers: vec![from; prefixes.len()],
-            pending: BTreeMap::new(),
-            ready: std::collections::VecDeque::new(),
-            early,
+    let entries = listing
+        .entries
+        .into_iter()
+        .map(|e| KeyEvent {
+            key: e.key,
+            value: Some(e.value),
         })
-    }
+        .collect();
+    Ok((listing.revision, entries))
+}
 
-    /// The revision to watch from to continue exactly after what was handed out.
-    pub fn resume_point(&self) -> i64 {
-        let floor = self.frontiers.iter().copied().min().unwrap_or(0);
-        self.pending.keys().next().map_or(floor, |r| floor.min(*r))
+/// A compacted revision, or a store behind what was seen (replaced), means listing again.
+fn relist_or_store(error: kvstore::client::Error) -> RemoteError {
+    match error {
+        kvstore::client::Error::Compacted { .. }
+        | kvstore::client::Error::FutureRevision { .. } => RemoteError::Compacted,
+        error => RemoteError::Store(error),
     }
+}
 
-    /// The next whole revision: its number and its changes.
-    pub async fn next(&mut self) -> Result<(i64, Vec<KeyEvent>), RemoteError> {
-        loop {
-            let floor = self.frontiers.iter().copied().min().unwrap_or(0);
-            // Whatever can go out, in revision order (a write handed out early never
-            // overtakes a change of its own key: it was only taken while none was queued).
-            let ready = self.ready.front().map(|(r, _)| *r);
-            let due = self.pending.keys().next().copied().filter(|r| *r < floor);
-            match (ready, due) {
-                (Some(r), Some(d)) if d < r => {
-                    return Ok(self.pending.pop_first().unwrap_or_default());
-                }
-                (Some(_), _) => return Ok(self.ready.pop_front().unwrap_or_default()),
-                (None, Some(_)) => return Ok(self.pending.pop_first().unwrap_or_default()),
-                (None, None) => {}
-            }
-            let Some((i, event)) = self.streams.next().await else {
-                return Err(RemoteError::Broken("every watch stream ended".into()));
-            };
-            let resume = self
-                .streams
-                .iter()
-                .find(|(k, _)| *k == i)
-                .map(|(_, s)| s.resume_revision());
-            match event {
-                WatchEvent::Put {
-                    key,
-                    value,
-                    mod_revision,
-                    ..
-                } => {
-                    let event = KeyEvent {
-                        key,
-                        value: Some(value),
-                    };
-                    // Only a queued change of the same key must stay ahead of it.
-                    let queued = || self.pending.values().flatten().any(|e| e.key == event.key);
-                    if (self.early)(&event.key) && !queued() {
-                        match self.ready.back_mut() {
-                            Some((r, batch)) if *r == mod_revision => batch.push(event),
-                            _ => self.ready.push_back((mod_revision, vec![event])),
-                        }
-                    } else {
-                        self.pending.entry(mod_revision).or_default().push(event);
-                    }
-                }
-                WatchEvent::Delete { key, mod_revision }
-                | WatchEvent::Invalid {
-                    key, mod_revision, ..
-                } => self
-                    .pending
-                    .entry(mod_revision)
-                    .or_default()
-                    .push(KeyEvent { key, value: None }),
-                WatchEvent::Progress { .. } => {}
-                WatchEvent::Compacted { .. } => return Err(RemoteError::Compacted),
-                WatchEvent::Broken { error, .. } => {
-                    if matches!(error, kvstore::client::Error::FutureRevision { .. }) {
-                        // The store is behind us: it was replaced.
-                        return Err(RemoteError::Compacted);
-                    }
-                    return Err(RemoteError::Broken(error.to_string()));
-                }
-            }
-            if let Some(resume) = resume {
-                self.frontiers[i] = self.frontiers[i].max(resume);
-            }
+impl From<MergeError> for RemoteError {
+    fn from(error: MergeError) -> Self {
+        match error {
+            MergeError::Relist(_) => RemoteError::Compacted,
+            MergeError::Broken(error) => RemoteError::Broken(error.to_string()),
+            MergeError::Ended => RemoteError::Broken(error.to_string()),
         }
     }
+}
+
+/// Several prefix watches as one stream of whole revisions ([`kvstore::client::MergedWatch`]).
+async fn merged_watch(
+    client: &StoreClient,
+    prefixes: &[String],
+    from: i64,
+    progress: Duration,
+    early: fn(&str) -> bool,
+) -> Result<MergedWatch<WatchStream<Vec<u8>>>, RemoteError> {
+    Ok(MergedWatch::open(&client.raw(), prefixes, from, progress, early).await?)
 }
 
 /// Reconnect delays: doubling from a base to a maximum, each with ±50% jitter so peers that
@@ -503,6 +338,8 @@ async fn run_cache(
     tx: mpsc::Sender<Vec<PeerUpdate>>,
     cancel: CancellationToken,
 ) {
+    let mut config = config;
+    config.limits.list_page_size = config.limits.list_page_size.max(timing.list_page_size);
     let client = match StoreClient::connect_lazy(&config).await {
         Ok(client) => client,
         Err(error) => {
@@ -576,7 +413,7 @@ async fn cache_session(
     let from = match *resume {
         Some(from) => from,
         None => {
-            let (revision, entries) = list_at(client, &prefixes, timing.list_page_size).await?;
+            let (revision, entries) = list_at(client, &prefixes).await?;
             tracing::info!(
                 revision,
                 keys = entries.len(),
@@ -608,7 +445,7 @@ async fn cache_session(
             revision + 1
         }
     };
-    let mut watch = MergedWatch::open(
+    let mut watch = merged_watch(
         client,
         &prefixes,
         from,
@@ -818,6 +655,8 @@ async fn run_direct_peer(
     tx: mpsc::Sender<Vec<PeerUpdate>>,
     cancel: CancellationToken,
 ) {
+    let mut config = config;
+    config.limits.list_page_size = config.limits.list_page_size.max(timing.list_page_size);
     let client = match StoreClient::connect_lazy(&config).await {
         Ok(client) => client,
         Err(error) => {
@@ -953,7 +792,7 @@ impl DirectSession {
         let from = match self.resume {
             Some(from) => from,
             None => {
-                let (revision, entries) = list_at(client, &prefixes, timing.list_page_size).await?;
+                let (revision, entries) = list_at(client, &prefixes).await?;
                 tracing::info!(revision, keys = entries.len(), "listed the peer's store");
                 self.tracker.begin_listing(&mut out);
                 let signals = order_batch(Layout::Direct, entries);
@@ -963,7 +802,7 @@ impl DirectSession {
                 revision + 1
             }
         };
-        let mut watch = MergedWatch::open(
+        let mut watch = merged_watch(
             client,
             &prefixes,
             from,
