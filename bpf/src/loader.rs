@@ -363,19 +363,11 @@ impl Datapath {
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in SOCKET_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing_program(name))?
-                .try_into()
-                .map_err(program_error(name))?;
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             program.load().map_err(program_error(name))?;
         }
         for name in [FROM_POD, TO_POD] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing_program(name))?
-                .try_into()
-                .map_err(program_error(name))?;
+            let program: &mut SchedClassifier = program(&mut ebpf, name)?;
             program.load().map_err(program_error(name))?;
         }
         Ok(Datapath { ebpf, dir, sizes })
@@ -397,12 +389,7 @@ impl Datapath {
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         let file = File::open(cgroup).map_err(io_error(cgroup))?;
         for name in SOCKET_PROGRAMS {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing_program(name))?
-                .try_into()
-                .map_err(program_error(name))?;
+            let program: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             // Through bpf_link (kernel ≥ 5.7) cgroup attachments always stack and the kernel
             // refuses the multi flag, so aya's default mode is the one that stacks.
             let id = program
@@ -413,8 +400,8 @@ impl Datapath {
                 .map_err(program_error(name))?
                 .try_into()
                 .map_err(|e| link_error(&self.dir, name, chain(&e)))?;
-            // bpffs cannot rename (nor has dots in names), so each run pins under the next generation number and then
-            // unpins the older ones (which detaches them).
+            // bpffs can neither rename nor hold dots in names: each run pins under the next
+            // generation number, then unpins the older ones (which detaches them).
             let links = self.dir.join("links");
             let older = generations(&links, name)?;
             let next = older.iter().map(|(g, _)| g + 1).max().unwrap_or(0);
@@ -436,12 +423,7 @@ impl Datapath {
             (TO_POD, TcAttachType::Egress, "to-pod"),
         ] {
             let path = self.interface_pin(ifindex, suffix);
-            let program: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing_program(name))?
-                .try_into()
-                .map_err(program_error(name))?;
+            let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
             let replaced = match PinnedLink::from_pin(&path) {
                 Ok(pinned) => SchedClassifierLink::try_from(FdLink::from(pinned))
                     .ok()
@@ -690,6 +672,17 @@ fn chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+/// The program `name` of the object, as the type its section says it is.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| missing_program(name))?
+        .try_into()
+        .map_err(program_error(name))
 }
 
 /// A map entry's key and value bytes.
