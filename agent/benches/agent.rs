@@ -393,11 +393,11 @@ async fn e2e_cache(o: &Options, rows: &mut Vec<Row>) {
             ));
         }
         ops.push(Op::put(
-            kvstoremesh::status_key(&config.name),
+            model::keys::peer_status_key(&config.name),
             serde_json::to_vec(&serde_json::json!({"schema": 1, "peer": config.name.as_str(), "connected": true, "synced": true})).unwrap(),
         ));
         ops.push(Op::put(
-            kvstoremesh::heartbeat_cache_key(&config.name),
+            model::keys::heartbeat_cache_key(&config.name),
             b"1".to_vec(),
         ));
         raw.apply_batch(ops).await.expect("write the cache");

@@ -3,12 +3,14 @@
 //!
 //! The owner task is the only writer of the agent's state. It applies the local cluster's
 //! synced snapshots and the peers' updates, runs the health timers, refreshes the tables
-//! (only the keys that changed) and persists the parts.
+//! (only the keys that changed) and serializes the parts for a writer task, which puts them
+//! on disk without holding the owner up.
 //!
 //! # Restarts
 //!
 //! Every part (the local cluster's and each peer's) is persisted as JSON in the state file,
-//! atomically, at most once per persist interval and at shutdown. A restarted agent builds
+//! atomically and durably ([`write_durably`](crate::persist::write_durably)), at most once
+//! per persist interval and at shutdown (which waits for that last write). A restarted agent builds
 //! its tables from that file before it reads anything, so it serves (and the datapath keeps)
 //! every backend, ipcache entry and route it had. A part is replaced only by that cluster's
 //! next complete sync: the local part by the first synced snapshot, a peer's by its first
@@ -36,6 +38,7 @@ use crate::health::{HealthConfig, PeerHealth};
 use crate::local::{LocalError, LocalTranslator};
 use crate::merge::ClusterHealth;
 use crate::metrics::{HealthLabels, Metrics, PeerLabels};
+use crate::persist::FileWriter;
 use crate::policy::PolicyOptions;
 use crate::remote::{self, PeerSource, PeerUpdate, Phase, WatchTiming};
 use crate::state::{LocalPart, MeshState, PeerPart};
@@ -155,12 +158,6 @@ fn load_state(path: &Path, cluster: &ClusterName) -> Option<Persisted> {
     }
 }
 
-fn write_state(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 /// What the owner knows about a peer besides its part.
 #[derive(Debug)]
 struct PeerInfo {
@@ -204,6 +201,8 @@ struct Owner {
     generation: u64,
     persist_dirty: bool,
     last_persist: Instant,
+    /// Writes the state file, when there is one.
+    state_writer: Option<FileWriter>,
     /// The datapath has been handed the whole tables (then only changes).
     datapath_fed: bool,
 }
@@ -319,6 +318,10 @@ pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<Run
         cancel.clone(),
     );
     let grace = config.shutdown_grace;
+    let state_writer = config
+        .state_file
+        .clone()
+        .map(|path| FileWriter::spawn(path, "state file"));
     let owner = Owner {
         config,
         shared: shared.clone(),
@@ -330,6 +333,7 @@ pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<Run
         generation: 0,
         persist_dirty: false,
         last_persist: now,
+        state_writer,
         datapath_fed: false,
     };
     owner.publish_status();
@@ -429,6 +433,9 @@ impl Owner {
         }
         if self.persist_dirty {
             self.persist(Instant::now());
+        }
+        if let Some(writer) = self.state_writer.take() {
+            writer.close().await;
         }
     }
 
@@ -710,7 +717,7 @@ impl Owner {
     fn persist(&mut self, now: Instant) {
         self.last_persist = now;
         self.persist_dirty = false;
-        let Some(path) = self.config.state_file.clone() else {
+        let Some(writer) = &self.state_writer else {
             return;
         };
         let bytes = {
@@ -723,11 +730,9 @@ impl Owner {
             };
             serde_json::to_vec(&state)
         };
-        let result = bytes
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| write_state(&path, &bytes));
-        if let Err(error) = result {
-            tracing::warn!(path = %path.display(), %error, "cannot write the state file");
+        match bytes {
+            Ok(bytes) => writer.write(bytes),
+            Err(error) => tracing::warn!(%error, "cannot serialize the state"),
         }
     }
 }

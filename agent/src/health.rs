@@ -35,15 +35,7 @@ impl Default for HealthConfig {
     }
 }
 
-/// Why a peer is lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LostReason {
-    /// Its store (or, through kvstoremesh, its connection) is down.
-    Disconnected,
-    /// Its heartbeat stopped changing.
-    HeartbeatTimeout,
-}
+pub use agent_api::LostReason;
 
 /// One peer's health.
 #[derive(Clone, Debug)]

@@ -1,29 +1,22 @@
-//! The local cluster's part, from its own objects, through the apiserver's translation.
+//! The local cluster's part, from its own objects, through the mesh's translation.
 //!
-//! [`clustermesh_apiserver::translate`] publishes only global services, and a service that is
-//! not shared without its backends. A node agent needs every service with every backend, so
-//! the snapshot is translated with every Service marked global and shared (and every namespace
-//! global), which yields each service's frontends and all its backends from its
-//! EndpointSlices; the Service's real annotations and its namespace then decide, with
-//! [`model::parse_service_annotations`], whether it is global here and its affinity.
-//! Identities and pod IPs come from the same translation, with an identity allocator seeded
-//! from the agent's last state so numbers are stable across restarts (and, being the same
-//! deterministic allocator, equal to the apiserver's when no label sets collide).
+//! [`mesh_translate`] gives every Service with every backend and what the mesh makes of it
+//! (global, shared, affinity), the same way the apiserver reads it before it publishes the
+//! global part; and the identities and pod IPs, with an identity allocator seeded from the
+//! agent's last state so numbers are stable across restarts (and, being the same deterministic
+//! allocator, equal to the apiserver's when no label sets collide).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use cluster_source::{ClusterObjects, NamespacedName};
-use clustermesh_apiserver::identity::IdentityAllocator;
-use clustermesh_apiserver::translate::{
-    NAMESPACE_GLOBAL_ANNOTATION, TranslateCache, TranslateConfig, Warning, translate_cached,
+use cluster_source::ClusterObjects;
+use mesh_translate::{
+    Facts, IdentityAllocator, TranslateCache, TranslateConfig, Warning, translate_cached,
 };
-use k8s_openapi::api::core::v1::Service;
-use model::annotations::{GLOBAL, GLOBAL_ALIAS, SHARED, SHARED_ALIAS};
-use model::{ClusterConfig, ClusterService, Entry, Identity, IpIdentity, Kind};
+use model::{ClusterConfig, Identity, NumericIdentity};
 
 use crate::state::{LocalPart, LocalService};
-use crate::tables::{AffinityMode, Keyed};
+use crate::tables::AffinityMode;
 
 /// Turns the local cluster's snapshots into its part.
 #[derive(Debug)]
@@ -33,9 +26,6 @@ pub struct LocalTranslator {
     /// Per-pod and per-service results of the last translation, so a change costs what it
     /// touched.
     cache: TranslateCache,
-    /// Each Service as last seen, with its global-and-shared copy: the same source object
-    /// gets the same copy, so the translation cache recognises it.
-    forced: BTreeMap<NamespacedName, (Arc<Service>, Arc<Service>)>,
     node_name: Option<String>,
 }
 
@@ -45,38 +35,6 @@ pub enum LocalError {
     /// The local cluster's id does not fit its max-connected-clusters.
     #[error("local cluster config: {0}")]
     Config(#[from] model::IdentityError),
-}
-
-fn namespace_global(objects: &ClusterObjects, namespace: &str, default: bool) -> bool {
-    objects
-        .namespaces
-        .get(namespace)
-        .and_then(|ns| ns.metadata.annotations.as_ref())
-        .and_then(|a| a.get(NAMESPACE_GLOBAL_ANNOTATION))
-        .and_then(|v| {
-            if v.eq_ignore_ascii_case("true") {
-                Some(true)
-            } else if v.eq_ignore_ascii_case("false") {
-                Some(false)
-            } else {
-                None
-            }
-        })
-        .unwrap_or(default)
-}
-
-/// A copy of `service` that is global and shared.
-fn forced_global(service: &Service) -> Service {
-    let mut service = service.clone();
-    let annotations = service
-        .metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new);
-    for key in [GLOBAL_ALIAS, SHARED, SHARED_ALIAS] {
-        annotations.remove(key);
-    }
-    annotations.insert(GLOBAL.to_owned(), "true".to_owned());
-    service
 }
 
 impl LocalTranslator {
@@ -94,7 +52,6 @@ impl LocalTranslator {
             config,
             allocator,
             cache: TranslateCache::default(),
-            forced: BTreeMap::new(),
             node_name,
         })
     }
@@ -106,97 +63,28 @@ impl LocalTranslator {
         }
     }
 
-    /// The snapshot with every Service global and shared and every namespace left to the
-    /// default (global), so the translation yields every service with all its backends.
-    fn all_services_global(&mut self, objects: &ClusterObjects) -> ClusterObjects {
-        let mut forced = objects.clone();
-        let mut copies = BTreeMap::new();
-        for (key, service) in forced.services.iter_mut() {
-            let copy = match self.forced.remove(key) {
-                Some((source, copy)) if Arc::ptr_eq(&source, service) => copy,
-                _ => Arc::new(forced_global(service)),
-            };
-            copies.insert(key.clone(), (Arc::clone(service), Arc::clone(&copy)));
-            *service = copy;
-        }
-        self.forced = copies;
-        for namespace in forced.namespaces.values_mut() {
-            if namespace
-                .metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(NAMESPACE_GLOBAL_ANNOTATION))
-                && let Some(annotations) = Arc::make_mut(namespace).metadata.annotations.as_mut()
-            {
-                annotations.remove(NAMESPACE_GLOBAL_ANNOTATION);
-            }
-        }
-        forced
-    }
-
     /// Translates a synced snapshot.
     pub fn translate(&mut self, objects: &Arc<ClusterObjects>) -> (LocalPart, Vec<Warning>) {
-        let forced = self.all_services_global(objects);
-        let forced_config = TranslateConfig {
-            default_global_namespace: true,
-            ..self.config.clone()
-        };
-        let published = translate_cached(
-            &forced,
-            &forced_config,
-            &mut self.allocator,
-            &mut self.cache,
-        );
+        let facts = translate_cached(objects, &self.config, &mut self.allocator, &mut self.cache);
         let mut part = LocalPart::default();
-        let mut warnings = published.warnings.clone();
-        for bytes in published.kind(Kind::Services).values() {
-            let Ok(Entry::Service(service)) = Entry::decode(Kind::Services, bytes) else {
+        for fact in facts.services.values() {
+            // A Service no mesh value can name has no frontend to program either.
+            let Some(service) = &fact.value else {
                 continue;
             };
-            let service: ClusterService = service;
-            let key = Keyed::key(&service);
-            let original = objects
-                .services
-                .get(&cluster_source::NamespacedName::new(
-                    key.namespace.as_str(),
-                    key.name.as_str(),
-                ))
-                .and_then(|s| s.metadata.annotations.clone())
-                .unwrap_or_default();
-            let (options, annotation_warnings) = model::parse_service_annotations(&original);
-            for w in annotation_warnings {
-                warnings.push(Warning::new(format!("Service {key}"), w.to_string()));
-            }
-            let global = options.global
-                && namespace_global(
-                    objects,
-                    key.namespace.as_str(),
-                    self.config.default_global_namespace,
-                );
-            let mut service = service;
-            service.shared = global && options.shared;
-            service.include_external = global;
             part.services.insert(LocalService {
-                service,
-                global,
-                affinity: if global {
-                    AffinityMode::from(options.affinity)
-                } else {
-                    AffinityMode::None
-                },
+                service: service.clone(),
+                global: fact.global,
+                affinity: AffinityMode::from(fact.affinity),
             });
         }
-        for bytes in published.kind(Kind::Identities).values() {
-            if let Ok(Entry::Identity(identity)) = Entry::decode(Kind::Identities, bytes) {
-                part.identities.insert(identity);
-            }
+        for identity in &facts.identities {
+            part.identities.insert(identity.clone());
         }
-        for bytes in published.kind(Kind::Ip).values() {
-            if let Ok(Entry::Ip(ip)) = Entry::decode(Kind::Ip, bytes) {
-                part.ips.insert(ip);
-            }
+        for ip in &facts.ips {
+            part.ips.insert(ip.entry.clone());
         }
-        part.endpoints = self.endpoints(objects, part.ips.values(), &part);
+        part.endpoints = self.endpoints(objects, &facts);
         part.namespaces = objects
             .namespaces
             .iter()
@@ -212,41 +100,38 @@ impl LocalTranslator {
             .values()
             .map(|p| (**p).clone())
             .collect();
-        (part, warnings)
+        (part, facts.warnings().cloned().collect())
     }
 
     /// The identities policies apply to: those of the node's pods, or every local identity.
-    fn endpoints<'a>(
-        &self,
-        objects: &ClusterObjects,
-        ips: impl Iterator<Item = &'a IpIdentity>,
-        part: &LocalPart,
-    ) -> BTreeSet<model::NumericIdentity> {
+    fn endpoints(&self, objects: &ClusterObjects, facts: &Facts) -> BTreeSet<NumericIdentity> {
         let Some(node) = &self.node_name else {
-            return part.identities.values().map(|i| i.id).collect();
+            return facts.identities.iter().map(|i| i.id).collect();
         };
-        ips.filter(|ip| {
-            let (Some(ns), Some(pod)) = (&ip.namespace, &ip.pod_name) else {
-                return false;
-            };
-            objects
-                .pods
-                .get(&cluster_source::NamespacedName::new(
-                    ns.as_str(),
-                    pod.as_str(),
-                ))
-                .and_then(|p| p.spec.as_ref())
-                .and_then(|s| s.node_name.as_deref())
-                == Some(node.as_str())
-        })
-        .map(|ip| ip.identity)
-        .collect()
+        facts
+            .ips
+            .iter()
+            // An entry that cannot name its pod names no endpoint.
+            .filter(|ip| ip.entry.pod_name.is_some())
+            .filter(|ip| {
+                objects
+                    .pods
+                    .get(&ip.pod)
+                    .and_then(|p| p.spec.as_ref())
+                    .and_then(|s| s.node_name.as_deref())
+                    == Some(node.as_str())
+            })
+            .map(|ip| ip.entry.identity)
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::tables::Keyed;
     use model::{Capabilities, ClusterId, ClusterName, MaxConnectedClusters};
     use serde_json::json;
 
@@ -319,7 +204,7 @@ mod tests {
             ),
             slice("private", "web", "10.1.0.7"),
         ]);
-        let (part, _) = t.translate(&objs);
+        let (part, warnings) = t.translate(&objs);
         let by_name: BTreeMap<String, &LocalService> = part
             .services
             .values()
@@ -340,25 +225,49 @@ mod tests {
         let private = by_name["private/web"];
         assert!(!private.global, "the namespace is not global");
         assert_eq!(private.affinity, AffinityMode::None);
+        let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
 
-        // The same Service object gets the same global copy, so the translation cache can
-        // recognise it; an edited Service gets a new one.
-        let first = t.all_services_global(&objs);
-        let again = t.all_services_global(&objs);
-        let key = |ns: &str, name: &str| cluster_source::NamespacedName::new(ns, name);
-        let web = key("shop", "web");
-        assert!(Arc::ptr_eq(&first.services[&web], &again.services[&web]));
-        let mut edited = (*objs).clone();
-        let db = key("shop", "db");
-        Arc::make_mut(edited.services.get_mut(&db).unwrap())
-            .metadata
-            .labels = Some(BTreeMap::from([("tier".to_owned(), "data".to_owned())]));
-        let after = t.all_services_global(&edited);
-        assert!(Arc::ptr_eq(&again.services[&web], &after.services[&web]));
-        assert!(!Arc::ptr_eq(&again.services[&db], &after.services[&db]));
+    fn pod(name: &str, app: &str, ip: &str, node: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": "shop", "name": name, "labels": {"app": app}},
+            "spec": {"containers": [{"name": "c"}], "nodeName": node},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+    }
+
+    /// Told its node, the agent applies policies to the identities of that node's pods only;
+    /// otherwise to every local identity.
+    #[test]
+    fn endpoints_are_the_node_pods_identities() {
+        let cluster = ClusterConfig::new(
+            ClusterName::new("a").unwrap(),
+            ClusterId::try_from(1).unwrap(),
+            MaxConnectedClusters::Max255,
+            Capabilities::default(),
+        )
+        .unwrap();
+        let objs = objects(vec![
+            pod("web-1", "web", "10.1.0.5", "node-a"),
+            pod("db-1", "db", "10.1.0.6", "node-b"),
+        ]);
+        let mut everywhere = LocalTranslator::new(cluster.clone(), true, None).unwrap();
+        let (all, _) = everywhere.translate(&objs);
+        assert_eq!(all.identities.len(), 2);
         assert_eq!(
-            after.services[&db].metadata.labels,
-            edited.services[&db].metadata.labels
+            all.endpoints,
+            all.identities
+                .values()
+                .map(|i| i.id)
+                .collect::<BTreeSet<_>>()
+        );
+        let mut on_a = LocalTranslator::new(cluster, true, Some("node-a".to_owned())).unwrap();
+        let (part, _) = on_a.translate(&objs);
+        let web = part.ips.values().find(|ip| ip.ip.to_string() == "10.1.0.5");
+        assert_eq!(
+            part.endpoints,
+            BTreeSet::from([web.unwrap().identity]),
+            "node-a runs web-1 only"
         );
     }
 }

@@ -28,18 +28,7 @@ use crate::tables::{
     AffinityMode, BackendState, Frontend, ServiceBackend, ServiceEntry, ServiceName,
 };
 
-/// Whether a cluster's backends can be trusted to receive traffic.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ClusterHealth {
-    /// Connected with a live heartbeat, or lost for less than the grace period.
-    #[default]
-    Healthy,
-    /// Lost (connection or heartbeat) for longer than the grace period.
-    Stale,
-}
+pub use agent_api::ClusterHealth;
 
 /// One cluster's part of a service.
 #[derive(Clone, Copy, Debug)]

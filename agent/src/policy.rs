@@ -29,15 +29,13 @@ use cluster_source::{CiliumNetworkPolicy, L4Protocol, NamespacedName, PortProtoc
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_translate::NAMESPACE_LABEL_KEY;
 use model::label::CLUSTER_LABEL_KEY;
 use model::{ClusterName, Label, NumericIdentity};
 
 use crate::tables::{
     ANY_IDENTITY, ANY_PORT, Direction, EnforcementEntry, PolicyEntry, PolicyKey, Table,
 };
-
-/// The label every pod identity carries with its namespace.
-pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 
 /// The namespace label Kubernetes sets on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -216,7 +214,7 @@ impl<'a> Compiler<'a> {
                 continue;
             }
             if let Some(namespace_requirements) = &selector.namespace {
-                let Some(namespace) = known.labels.get(NAMESPACE_LABEL) else {
+                let Some(namespace) = known.labels.get(NAMESPACE_LABEL_KEY) else {
                     continue;
                 };
                 if !holds(namespace_requirements, &self.namespace_labels(namespace)) {
@@ -285,7 +283,7 @@ impl<'a> Compiler<'a> {
     fn namespaced(requirements: Vec<Requirement>, namespace: &str) -> Vec<Requirement> {
         let mut requirements = requirements;
         requirements.push(Requirement::In(
-            NAMESPACE_LABEL.to_owned(),
+            NAMESPACE_LABEL_KEY.to_owned(),
             BTreeSet::from([namespace.to_owned()]),
         ));
         requirements
@@ -511,7 +509,7 @@ impl<'a> Compiler<'a> {
             let Some(requirements) = requirements else {
                 continue;
             };
-            let requirements = if mentions(&requirements, NAMESPACE_LABEL) {
+            let requirements = if mentions(&requirements, NAMESPACE_LABEL_KEY) {
                 requirements
             } else {
                 Self::namespaced(requirements, namespace)
@@ -641,7 +639,7 @@ mod tests {
             vec![
                 label("app", app),
                 label(CLUSTER_LABEL_KEY, cluster),
-                label(NAMESPACE_LABEL, ns),
+                label(NAMESPACE_LABEL_KEY, ns),
             ]
         };
         World {
@@ -915,7 +913,7 @@ mod tests {
             let expected = w.identities.values().filter(|l| {
                 l.contains(&label(CLUSTER_LABEL_KEY, cluster))
                     && l.contains(&label("app", app))
-                    && l.contains(&label(NAMESPACE_LABEL, "shop"))
+                    && l.contains(&label(NAMESPACE_LABEL_KEY, "shop"))
             }).count();
             prop_assert_eq!(compiled.allow.len(), expected);
         }

@@ -17,8 +17,8 @@ use std::net::IpAddr;
 use cluster_source::CiliumNetworkPolicy;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use model::{
-    AddressKind, ClusterName, ClusterService, DnsSubdomain, Entry, Identity, IpIdentity, IpPrefix,
-    Label, Node, NumericIdentity, StateKey,
+    AddressKind, ClusterName, ClusterService, Entry, Identity, IpIdentity, IpPrefix, Label, Node,
+    NumericIdentity, StateKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -27,37 +27,6 @@ use crate::policy::{PolicyInput, PolicyOptions, compile};
 use crate::tables::{
     AffinityMode, Change, Frontend, IpcacheEntry, Keyed, RouteEntry, ServiceName, Table, Tables,
 };
-
-impl Keyed for Node {
-    type Key = DnsSubdomain;
-    fn key(&self) -> DnsSubdomain {
-        self.name.clone()
-    }
-}
-
-impl Keyed for ClusterService {
-    type Key = ServiceName;
-    fn key(&self) -> ServiceName {
-        ServiceName {
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-        }
-    }
-}
-
-impl Keyed for Identity {
-    type Key = NumericIdentity;
-    fn key(&self) -> NumericIdentity {
-        self.id
-    }
-}
-
-impl Keyed for IpIdentity {
-    type Key = IpPrefix;
-    fn key(&self) -> IpPrefix {
-        self.ip
-    }
-}
 
 /// One change to one entry of a peer, as a watcher saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -734,7 +703,7 @@ impl MeshState {
 pub(crate) mod tests {
     use super::*;
     use crate::merge::tests::{backend, service};
-    use model::{ClusterId, DnsLabel, NodeAddress, SchemaVersion};
+    use model::{ClusterId, DnsLabel, DnsSubdomain, NodeAddress, SchemaVersion};
     use proptest::collection::{btree_map, vec};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;

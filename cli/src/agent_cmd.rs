@@ -3,9 +3,10 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use agent::api::{AgentStatus, PolicyView};
-use agent::datapath::{DatapathStatus, DropView};
-use agent::tables::{ANY_IDENTITY, ANY_PORT, BackendState, IpcacheEntry, RouteEntry, ServiceEntry};
+use agent_api::{
+    ANY_IDENTITY, ANY_PORT, AgentStatus, BackendState, DatapathStatus, DropView, IpcacheEntry,
+    PolicyView, RouteEntry, ServiceEntry,
+};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use model::endpoint::EndpointRegistration;
@@ -70,7 +71,7 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let body = runtime.block_on(agent::api::get_raw(args.api, path))?;
+    let body = runtime.block_on(agent_api::get_raw(args.api, path))?;
     let text = match args.output {
         Output::Json => {
             let value: serde_json::Value =

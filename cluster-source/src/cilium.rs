@@ -5,9 +5,8 @@
 //! (`fromCIDR`, `toFQDNs`, L7 rules, ...) is ignored when reading, so a policy written for
 //! Cilium parses here; it is simply not enforced beyond what is modelled.
 
-use std::fmt;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use model::L4Protocol;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The label by which a selector names the cluster an endpoint runs in.
@@ -163,37 +162,6 @@ pub struct PortProtocol {
     /// The protocol; `ANY` when absent.
     #[serde(default)]
     pub protocol: L4Protocol,
-}
-
-/// An L4 protocol as Cilium names it.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub enum L4Protocol {
-    /// `TCP`.
-    #[serde(rename = "TCP")]
-    Tcp,
-    /// `UDP`.
-    #[serde(rename = "UDP")]
-    Udp,
-    /// `SCTP`.
-    #[serde(rename = "SCTP")]
-    Sctp,
-    /// `ANY`: every protocol.
-    #[default]
-    #[serde(rename = "ANY")]
-    Any,
-}
-
-impl fmt::Display for L4Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            L4Protocol::Tcp => "TCP",
-            L4Protocol::Udp => "UDP",
-            L4Protocol::Sctp => "SCTP",
-            L4Protocol::Any => "ANY",
-        })
-    }
 }
 
 /// Reads `null` as the type's default (JSON from the API server may carry explicit nulls).

@@ -41,11 +41,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use cilium::{
-    CLUSTER_LABEL, CiliumNetworkPolicy, EgressRule, IngressRule, L4Protocol, PolicyRule,
-    PortProtocol, PortRule,
+    CLUSTER_LABEL, CiliumNetworkPolicy, EgressRule, IngressRule, PolicyRule, PortProtocol, PortRule,
 };
 pub use kube_api::KubeApi;
 pub use manifest_dir::{ManifestDir, load_dir};
+pub use model::L4Protocol;
 pub use objects::{
     AnyObject, ClusterObjects, DEFAULT_NAMESPACE, NamespacedName, ObjectKind, ObjectRef, Problem,
 };

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clustermesh_apiserver::published::PUBLISHED_KINDS;
 use futures::StreamExt;
 use kvstore::client::{ClientConfig, StoreClient, WatchEvent};
 use model::keys::Kind;
@@ -410,7 +411,7 @@ fn cluster() -> ClusterConfig {
 async fn count(client: &StoreClient) -> Result<BTreeMap<Kind, usize>> {
     let config = cluster();
     let mut counts = BTreeMap::new();
-    for kind in [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip] {
+    for kind in PUBLISHED_KINDS {
         let listing = client.raw().list_prefix(kind.state_prefix()).await?;
         for entry in listing.entries.iter().step_by(997) {
             validate_entry(kind, &entry.key, &entry.value, &config)

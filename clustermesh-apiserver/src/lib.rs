@@ -2,14 +2,13 @@
 //!
 //! [`run`] wires the pieces: the store (embedded by default, or an external etcd), a
 //! [cluster source](cluster_source) (manifests or the Kubernetes API), the [`publisher`]
-//! that keeps the store equal to what [`translate`] says the cluster publishes, and the
+//! that keeps the store equal to what [`published`] says the cluster publishes, and the
 //! HTTP endpoints for health, readiness and metrics. One cancellation token stops them all.
 
 mod health;
-pub mod identity;
 pub mod metrics;
+pub mod published;
 pub mod publisher;
-pub mod translate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -240,7 +239,7 @@ async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Apiser
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::TranslateConfig;
+    use mesh_translate::TranslateConfig;
     use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
 
     /// A source that fails after the checks of `main` (here: a manifest path that is a file)

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use clustermesh_apiserver::publisher::PublisherConfig;
-use clustermesh_apiserver::translate::TranslateConfig;
 use clustermesh_apiserver::{ApiserverConfig, SourceConfig, StoreConfig};
 use kvstore::client::{ClientConfig, TlsFiles as ClientTls};
 use kvstore::server::{ServerConfig, TlsFiles as ServerTls};
+use mesh_translate::TranslateConfig;
 use model::Capabilities;
 use tokio_util::sync::CancellationToken;
 

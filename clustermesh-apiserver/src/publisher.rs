@@ -1,7 +1,7 @@
 //! Keeps the store equal to what the cluster should publish.
 //!
 //! One task owns the store side: it holds the lease every published key is attached to, and
-//! reconciles by diff — the desired entries (from [`crate::translate`]) against what it knows
+//! reconciles by diff — the desired entries (from [`crate::published`]) against what it knows
 //! the store holds. The first pass after start (or after the lease was lost) is a full one:
 //! it lists what the store holds under our prefixes, rewrites every desired key under the new
 //! lease, deletes what should no longer be there, and only then writes each prefix's sync
@@ -13,18 +13,15 @@ use std::time::{Duration, Instant};
 
 use cluster_source::{ClusterObjects, SnapshotReceiver};
 use kvstore::client::{LeaseHandle, LeaseId, Op, StoreClient};
+use mesh_translate::{IdentityAllocator, TranslateConfig};
 use model::StoreValue;
 use model::keys::{HEARTBEAT_KEY, Kind};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::IdentityAllocator;
 use crate::metrics::Metrics;
-use crate::translate::{self, Published, TranslateCache, TranslateConfig};
-
-/// The kinds this publisher owns, in the order they are published.
-pub const PUBLISHED_KINDS: [Kind; 4] = [Kind::Identities, Kind::Ip, Kind::Nodes, Kind::Services];
+use crate::published::{PUBLISHED_KINDS, PublishCache, Published, publish_cached};
 
 /// How the publisher behaves.
 #[derive(Debug, Clone)]
@@ -138,7 +135,7 @@ async fn publish_until_failure(
             Err(PublishError::SourceStopped)
         };
     };
-    let mut cache = TranslateCache::default();
+    let mut cache = PublishCache::default();
     let mut desired = translate_and_report(
         &objects,
         &config.translate,
@@ -221,10 +218,10 @@ fn translate_and_report(
     objects: &ClusterObjects,
     config: &TranslateConfig,
     allocator: &mut IdentityAllocator,
-    cache: &mut TranslateCache,
+    cache: &mut PublishCache,
     metrics: &Metrics,
 ) -> Published {
-    let published = translate::translate_cached(objects, config, allocator, cache);
+    let published = publish_cached(objects, config, allocator, cache);
     for warning in &published.warnings {
         tracing::warn!(object = %warning.object, "{}", warning.message);
     }

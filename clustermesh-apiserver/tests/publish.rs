@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clustermesh_apiserver::published::PUBLISHED_KINDS;
 use futures::StreamExt;
 use kvstore::client::{ClientConfig, LeaseId, StoreClient, TlsFiles, WatchEvent};
 use model::keys::{HEARTBEAT_KEY, Kind};
@@ -37,9 +38,6 @@ use common::*;
 // ---------------------------------------------------------------------------------------
 
 const CLUSTER: &str = "eu-1";
-
-/// The kinds the apiserver publishes, each with its canary.
-const KINDS: [Kind; 4] = [Kind::Identities, Kind::Ip, Kind::Nodes, Kind::Services];
 
 /// One key as read back from the store.
 #[derive(Debug, Clone)]
@@ -169,12 +167,12 @@ fn with_bookkeeping(state: BTreeSet<String>) -> BTreeSet<String> {
     let mut all = state;
     all.insert(cluster_config().key());
     all.insert(HEARTBEAT_KEY.to_owned());
-    all.extend(KINDS.map(canary));
+    all.extend(PUBLISHED_KINDS.map(canary));
     all
 }
 
 fn kind_of(key: &str) -> Option<Kind> {
-    KINDS
+    PUBLISHED_KINDS
         .into_iter()
         .find(|k| key.starts_with(k.state_prefix()))
 }
@@ -202,7 +200,7 @@ fn check_fixture_values(dump: &BTreeMap<String, Stored>) {
     )
     .expect("cluster config validates");
     assert_eq!(config, cluster_config());
-    for kind in KINDS {
+    for kind in PUBLISHED_KINDS {
         assert!(!dump[&canary(kind)].value.is_empty(), "{kind} canary");
     }
     let heartbeat = String::from_utf8(dump[HEARTBEAT_KEY].value.clone()).unwrap();
@@ -304,7 +302,7 @@ fn check_fixture_values(dump: &BTreeMap<String, Stored>) {
 async fn check_metrics(health: SocketAddr, state: &BTreeSet<String>) {
     let (code, metrics) = http_get(health, "/metrics").await.expect("GET /metrics");
     assert_eq!(code, 200);
-    for kind in KINDS {
+    for kind in PUBLISHED_KINDS {
         let count = state
             .iter()
             .filter(|k| k.starts_with(kind.state_prefix()))
@@ -582,7 +580,7 @@ async fn restart_removes_stale_keys_before_canaries(which: Which) {
     );
 
     // In the store: each canary is newer than every key of its kind.
-    for kind in KINDS {
+    for kind in PUBLISHED_KINDS {
         let canary_rev = dump[&canary(kind)].mod_revision;
         for (key, stored) in dump.iter().filter(|(k, _)| kind_of(k) == Some(kind)) {
             assert!(
@@ -624,7 +622,7 @@ async fn restart_removes_stale_keys_before_canaries(which: Which) {
     };
     let config_put = revision_of(&cluster_config().key(), true);
     assert_eq!(config_put.len(), 1, "{events:?}");
-    for kind in KINDS {
+    for kind in PUBLISHED_KINDS {
         let canary_puts = revision_of(&canary(kind), true);
         assert_eq!(canary_puts.len(), 1, "one {kind} canary write: {events:?}");
         let canary_rev = canary_puts[0];

@@ -1,12 +1,12 @@
-//! The translation of a small manifest directory (`tests/fixtures/eu-1`, read with
+//! What a small manifest directory publishes (`tests/fixtures/eu-1`, read with
 //! `cluster_source::load_dir` as the manifest source reads it), checked key by key. The
 //! fixture's README lists the same expectations for other tests that reuse it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use clustermesh_apiserver::identity::IdentityAllocator;
-use clustermesh_apiserver::translate::{Published, TranslateConfig, translate};
+use clustermesh_apiserver::published::{Published, publish};
+use mesh_translate::{IdentityAllocator, TranslateConfig};
 use model::{
     Capabilities, ClusterConfig, ClusterId, ClusterName, ClusterService, Identity, IpIdentity,
     Kind, MaxConnectedClusters, Node, StoreValue,
@@ -34,7 +34,7 @@ fn published() -> Published {
     assert!(objects.problems.is_empty(), "{:#?}", objects.problems);
     let config = config();
     let mut allocator = IdentityAllocator::new(&config.cluster).unwrap();
-    translate(&objects, &config, &mut allocator)
+    publish(&objects, &config, &mut allocator)
 }
 
 fn keys(published: &Published, kind: Kind) -> Vec<&str> {

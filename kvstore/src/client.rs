@@ -5,6 +5,7 @@
 //! - [`TypedClient`] adds a [`Codec`] for typed values: get, paginated prefix listing at one
 //!   revision, put, compare-and-swap, batched writes in transactions, prefix watches.
 //! - [`LeaseHandle`] keeps a lease alive in the background and says when it is lost.
+//! - [`parse_peer_file`]: a peer's store as its peer file describes it.
 //!
 //! Every unary request is bounded by the configured request timeout; errors are sorted
 //! into [`Error`] variants (unavailable, compacted, lease not found, decode, ...).
@@ -15,6 +16,7 @@ mod config;
 mod error;
 mod lease;
 mod merged;
+mod peer_file;
 pub mod provision;
 mod watch;
 
@@ -36,6 +38,7 @@ pub use config::{ClientConfig, Limits, TlsFiles};
 pub use error::{BoxError, ConfigError, Error, Result};
 pub use lease::{LeaseHandle, LeaseId, LeaseLost};
 pub use merged::{KeyChange, MergeError, MergedWatch, RevisionStream};
+pub use peer_file::{PEER_LIST_PAGE_SIZE, PeerConfig, PeerFileError, parse_peer_file};
 pub use watch::{WatchConfig, WatchEvent, WatchStream};
 
 use error::classify;

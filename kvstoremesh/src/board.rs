@@ -9,7 +9,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::local::Lease;
-use crate::status::PeerStatus;
+use model::PeerStatus;
+
+use crate::status;
 
 /// What kvstoremesh knows about itself and each peer.
 #[derive(Debug, Clone, Serialize)]
@@ -56,7 +58,7 @@ impl Board {
     /// A peer was configured: its first-sync timeout starts now (unless it was already).
     pub(crate) fn configure(&self, peer: &ClusterName) {
         self.lock().entry(peer.clone()).or_insert_with(|| Entry {
-            status: PeerStatus::new(peer),
+            status: status::configured(peer),
             configured_at: Instant::now(),
             synced_once: false,
         });
@@ -122,11 +124,11 @@ mod tests {
         let snap = board.snapshot();
         assert!(!snap.ready);
         assert_eq!(snap.waiting_for, vec!["b", "c"]);
-        let mut synced = PeerStatus::new(&b);
+        let mut synced = status::configured(&b);
         synced.synced = true;
         board.report(&b, &synced);
         // A peer that synced once does not make readiness flap when it disconnects.
-        board.report(&b, &PeerStatus::new(&b));
+        board.report(&b, &status::configured(&b));
         assert_eq!(board.snapshot().waiting_for, vec!["c"]);
         std::thread::sleep(Duration::from_millis(60));
         assert!(board.snapshot().ready, "c's first-sync timeout passed");

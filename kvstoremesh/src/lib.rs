@@ -3,11 +3,13 @@
 //! (`cilium/cache/<kind>/v1/<peer>/...`), so node agents read one local store instead of
 //! connecting to every peer.
 //!
-//! - [`peerfile`]: the peers directory's files (Cilium's etcd client-config YAML).
+//! - The peers directory's files (Cilium's etcd client-config YAML, [`model::peerfile`]),
+//!   read with [`kvstore::client::parse_peer_file`].
 //! - One owner task per peer (`mirror`): cluster-config check, canary-gated full sync with
 //!   garbage collection, watch following, validation of every entry, reconnects with
 //!   jittered backoff, resume or relist, replaced-store detection, status in the store.
-//! - [`status`]: the keys kvstoremesh writes besides the cache, and the status value.
+//! - `status`: the keys kvstoremesh writes besides the cache, and the status value
+//!   ([`model::PeerStatus`]).
 //! - [`Metrics`] and the HTTP endpoints (`/healthz`, `/readyz`, `/metrics`).
 //!
 //! [`start`] wires it up; one [`CancellationToken`] stops everything. `docs/kvstoremesh.md`
@@ -19,9 +21,8 @@ mod health;
 mod local;
 mod metrics;
 mod mirror;
-pub mod peerfile;
 mod peers;
-pub mod status;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,8 +42,6 @@ pub use board::MeshStatus;
 pub use local::LEASE_KEY;
 pub use metrics::Metrics;
 pub use mirror::MirrorError;
-pub use peerfile::{PeerConfig, PeerFileError, parse_peer_file};
-pub use status::{KindStatus, PeerStatus, heartbeat_cache_key, status_key};
 
 use crate::backoff::Backoff;
 use crate::board::Board;

@@ -347,17 +347,17 @@ pub(crate) async fn drain_peer(
     keep_status: bool,
 ) -> kvstore::client::Result<()> {
     local
-        .delete_prefix(&crate::status::cache_canary_prefix(peer))
+        .delete_prefix(&model::keys::cache_canary_prefix(peer))
         .await?;
     for kind in model::Kind::ALL {
         local.delete_prefix(&kind.cache_prefix(peer)).await?;
     }
     local
-        .delete(&crate::status::heartbeat_cache_key(peer))
+        .delete(&model::keys::heartbeat_cache_key(peer))
         .await?;
     local.delete(&model::keys::cluster_config_key(peer)).await?;
     if !keep_status {
-        local.delete(&crate::status::status_key(peer)).await?;
+        local.delete(&model::keys::peer_status_key(peer)).await?;
     }
     Ok(())
 }

@@ -13,13 +13,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
 use kvstore::client::{
-    Error as StoreError, LeaseId, Listing, Op, RawCodec, StoreClient, StoreStatus, TypedClient,
-    WatchEvent, WatchStream,
+    Error as StoreError, LeaseId, Listing, Op, PeerConfig, PeerFileError, RawCodec, StoreClient,
+    StoreStatus, TypedClient, WatchEvent, WatchStream,
 };
-use model::keys::{HEARTBEAT_KEY, cluster_config_key};
+use model::keys::{
+    HEARTBEAT_KEY, cache_canary_prefix, cluster_config_key, heartbeat_cache_key, peer_status_key,
+    state_canary_prefix,
+};
 use model::{
-    ClusterConfig, ClusterId, ClusterName, EntryError, Kind, PeerError, to_cache_key,
-    validate_cluster_config, validate_entry, validate_key,
+    ClusterConfig, ClusterId, ClusterName, EntryError, Kind, PeerError, PeerStatus, StoreValue,
+    to_cache_key, validate_cluster_config, validate_entry, validate_key,
 };
 use tokio::time::MissedTickBehavior;
 use tokio_stream::{StreamExt, StreamMap};
@@ -32,8 +35,7 @@ use crate::backoff::Backoff;
 use crate::board::Board;
 use crate::local::{self, Lease, Local, digest};
 use crate::metrics::{Metrics, PeerMetrics, Stage};
-use crate::peerfile::{PeerConfig, PeerFileError};
-use crate::status::{self, PeerStatus, rfc3339};
+use crate::status::{self, rfc3339};
 
 /// Watch events applied to the local store in one batch, at most.
 const MAX_EVENT_BATCH: usize = 4096;
@@ -393,7 +395,7 @@ impl Mirror {
         let mut status = shared
             .board
             .status_of(&peer)
-            .unwrap_or_else(|| PeerStatus::new(&peer));
+            .unwrap_or_else(|| status::configured(&peer));
         if status.connected {
             status.connected = false;
             status.connected_since = None;
@@ -478,7 +480,7 @@ impl Mirror {
         let Some(config) = self.config().cloned() else {
             return Err(End::Restart("no accepted config"));
         };
-        let canary_prefix = status::state_canary_prefix(&self.peer);
+        let canary_prefix = state_canary_prefix(&self.peer);
         let (canaries, _) = raw
             .list_prefix_lenient(&canary_prefix)
             .await
@@ -775,7 +777,7 @@ impl Mirror {
         if self.mirrored_heartbeat == Some(state) {
             return Ok(());
         }
-        let key = status::heartbeat_cache_key(&self.peer);
+        let key = heartbeat_cache_key(&self.peer);
         match value {
             Some(bytes) => self.shared.local.put(&key, bytes, lease).await,
             None => self.shared.local.delete(&key).await,
@@ -1207,7 +1209,7 @@ impl Mirror {
     async fn adopt_under(&mut self, lease: Lease) -> kvstore::client::Result<usize> {
         let local = self.shared.local.clone();
         let mut ops = Vec::new();
-        let canaries = local.list(&status::cache_canary_prefix(&self.peer)).await?;
+        let canaries = local.list(&cache_canary_prefix(&self.peer)).await?;
         let canaried: HashSet<String> = canaries.iter().map(|e| e.key.clone()).collect();
         let mut take = |entry: kvstore::client::Entry<Vec<u8>>| {
             if entry.lease != Some(lease.id) {
@@ -1230,7 +1232,7 @@ impl Mirror {
         }
         for key in [
             cluster_config_key(&self.peer),
-            status::heartbeat_cache_key(&self.peer),
+            heartbeat_cache_key(&self.peer),
         ] {
             if let Some(entry) = local.get(&key).await? {
                 take(entry);
@@ -1283,7 +1285,7 @@ impl Mirror {
         match self
             .shared
             .local
-            .put(&status::status_key(&self.peer), bytes.clone(), lease)
+            .put(&peer_status_key(&self.peer), bytes.clone(), lease)
             .await
         {
             Ok(()) => {
@@ -1328,7 +1330,7 @@ mod tests {
     #[test]
     fn canary_keys_name_their_kind() {
         let peer = ClusterName::new("b").unwrap();
-        let prefix = status::state_canary_prefix(&peer);
+        let prefix = state_canary_prefix(&peer);
         for kind in Kind::ALL {
             assert_eq!(
                 canary_kind(&prefix, &kind.state_canary_key(&peer)),

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use model::ClusterName;
+use kvstore::client::parse_peer_file;
+use model::keys::peer_status_key;
+use model::{ClusterName, StoreValue};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -22,8 +24,7 @@ use crate::local;
 use daemon::error_chain as chain;
 
 use crate::mirror::{self, Shared};
-use crate::peerfile::parse_peer_file;
-use crate::status::{self, rfc3339};
+use crate::status::rfc3339;
 
 /// A running peer task.
 #[derive(Debug)]
@@ -228,7 +229,7 @@ impl Manager {
         if let Err(error) = self
             .shared
             .local
-            .put(&status::status_key(peer), peer_status.encode(), lease)
+            .put(&peer_status_key(peer), peer_status.encode(), lease)
             .await
         {
             tracing::debug!(%peer, error = %chain(&error), "cannot write the removed peer's status");

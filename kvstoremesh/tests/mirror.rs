@@ -76,7 +76,7 @@ async fn mirrors_two_peers_and_follows_their_changes() {
         let heartbeat = local
             .client
             .raw()
-            .get(&kvstoremesh::heartbeat_cache_key(peer.name()))
+            .get(&model::keys::heartbeat_cache_key(peer.name()))
             .await
             .unwrap();
         assert_eq!(heartbeat.unwrap().value, b"2026-01-01T00:00:00Z");
@@ -153,7 +153,7 @@ async fn mirrors_two_peers_and_follows_their_changes() {
         let value = local
             .client
             .raw()
-            .get(&kvstoremesh::heartbeat_cache_key(b.name()))
+            .get(&model::keys::heartbeat_cache_key(b.name()))
             .await
             .unwrap()
             .map(|e| e.value);
@@ -399,7 +399,7 @@ async fn clashing_peers_are_refused_and_nothing_of_them_is_mirrored() {
         let everything = everything_of(&local.client, peer.name()).await;
         assert_eq!(
             everything.keys().collect::<Vec<_>>(),
-            vec![&kvstoremesh::status_key(peer.name())],
+            vec![&model::keys::peer_status_key(peer.name())],
             "{}",
             peer.name()
         );

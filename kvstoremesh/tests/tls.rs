@@ -159,7 +159,7 @@ async fn mirrors_through_mutual_tls_with_least_privilege_users() {
     assert_eq!(config.unwrap().value, b.encode());
     let heartbeat = agent
         .raw()
-        .get(&kvstoremesh::heartbeat_cache_key(&b.name))
+        .get(&model::keys::heartbeat_cache_key(&b.name))
         .await
         .unwrap();
     assert!(heartbeat.is_some());

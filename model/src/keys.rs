@@ -16,6 +16,8 @@
 //! | cached ip→identity | `cilium/cache/ip/v1/<peer>/<ip or prefix>` |
 //! | cached service export | `cilium/cache/serviceexports/v1/<peer>/<namespace>/<name>` |
 //! | cache canary | `cilium/synced/<peer>/cilium/cache/<kind>/v1` |
+//! | kvstoremesh's status of a peer | `cilium/synced/<peer>/kvstoremesh/status` |
+//! | cached heartbeat | `cilium/cache/heartbeat/<peer>` |
 //!
 //! Parsers accept only the spelling the builders produce (no leading zeros in ids, IPs as
 //! [`IpPrefix`] prints them), so one entry never has two keys a reader could confuse.
@@ -160,6 +162,65 @@ pub fn parse_cluster_config_key(key: &str) -> Result<ClusterName, KeyError> {
             expected: CLUSTER_CONFIG_ROOT,
         })?;
     name(key, "cluster", rest, ClusterName::new)
+}
+
+/// Where kvstoremesh mirrors each peer's heartbeat: beside the kinds under the cache root.
+const HEARTBEAT_CACHE_ROOT: &str = "cilium/cache/heartbeat/";
+/// What follows the peer in kvstoremesh's status key.
+const PEER_STATUS_SUFFIX: &str = "/kvstoremesh/status";
+/// The peer status key's form, for messages.
+const PEER_STATUS_LAYOUT: &str = "cilium/synced/<peer>/kvstoremesh/status";
+
+/// Where kvstoremesh writes its status of `peer` ([`PeerStatus`](crate::PeerStatus)) in the
+/// local store: `cilium/synced/<peer>/kvstoremesh/status`. Never a kind's canary key, so
+/// readers of canaries do not mistake it for one.
+pub fn peer_status_key(peer: &ClusterName) -> String {
+    format!("{SYNCED_ROOT}{peer}{PEER_STATUS_SUFFIX}")
+}
+
+/// The peer named by a `cilium/synced/<peer>/kvstoremesh/status` key.
+pub fn parse_peer_status_key(key: &str) -> Result<ClusterName, KeyError> {
+    let rest = key
+        .strip_prefix(SYNCED_ROOT)
+        .ok_or_else(|| KeyError::UnknownPrefix {
+            key: key.into(),
+            expected: SYNCED_ROOT,
+        })?;
+    let peer = rest
+        .strip_suffix(PEER_STATUS_SUFFIX)
+        .ok_or_else(|| KeyError::Shape {
+            key: key.into(),
+            expected: PEER_STATUS_LAYOUT,
+        })?;
+    name(key, "peer cluster", peer, ClusterName::new)
+}
+
+/// Where kvstoremesh mirrors `peer`'s `cilium/.heartbeat`, unchanged:
+/// `cilium/cache/heartbeat/<peer>`. `heartbeat` is no kind, so no cache entry prefix holds it.
+pub fn heartbeat_cache_key(peer: &ClusterName) -> String {
+    format!("{HEARTBEAT_CACHE_ROOT}{peer}")
+}
+
+/// The peer named by a `cilium/cache/heartbeat/<peer>` key.
+pub fn parse_heartbeat_cache_key(key: &str) -> Result<ClusterName, KeyError> {
+    let peer = key
+        .strip_prefix(HEARTBEAT_CACHE_ROOT)
+        .ok_or_else(|| KeyError::UnknownPrefix {
+            key: key.into(),
+            expected: HEARTBEAT_CACHE_ROOT,
+        })?;
+    name(key, "peer cluster", peer, ClusterName::new)
+}
+
+/// The prefix of `cluster`'s sync canaries in its own store: `cilium/synced/<cluster>/cilium/state/`.
+pub fn state_canary_prefix(cluster: &ClusterName) -> String {
+    format!("{SYNCED_ROOT}{cluster}/{STATE_ROOT}")
+}
+
+/// The prefix of kvstoremesh's cache canaries for `peer` in the local store:
+/// `cilium/synced/<peer>/cilium/cache/`.
+pub fn cache_canary_prefix(peer: &ClusterName) -> String {
+    format!("{SYNCED_ROOT}{peer}/{CACHE_ROOT}")
 }
 
 /// A key that does not follow the layout; each names the key and what is wrong with it.
@@ -820,6 +881,71 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn kvstoremesh_keys() {
+        let peer = c("eu-2");
+        assert_eq!(
+            peer_status_key(&peer),
+            "cilium/synced/eu-2/kvstoremesh/status"
+        );
+        assert_eq!(heartbeat_cache_key(&peer), "cilium/cache/heartbeat/eu-2");
+        assert_eq!(
+            state_canary_prefix(&peer),
+            "cilium/synced/eu-2/cilium/state/"
+        );
+        assert_eq!(
+            cache_canary_prefix(&peer),
+            "cilium/synced/eu-2/cilium/cache/"
+        );
+        // The status is no kind's canary, and no kind's cache prefix holds the heartbeat.
+        for kind in Kind::ALL {
+            assert!(!peer_status_key(&peer).starts_with(&cache_canary_prefix(&peer)));
+            assert!(!peer_status_key(&peer).starts_with(&kind.cache_canary_key(&peer)));
+            assert!(!heartbeat_cache_key(&peer).starts_with(&kind.cache_prefix(&peer)));
+            assert!(
+                kind.state_canary_key(&peer)
+                    .starts_with(&state_canary_prefix(&peer))
+            );
+            assert!(
+                kind.cache_canary_key(&peer)
+                    .starts_with(&cache_canary_prefix(&peer))
+            );
+        }
+        assert!(matches!(
+            parse_cache_key(&heartbeat_cache_key(&peer)),
+            Err(KeyError::UnknownKind { .. })
+        ));
+    }
+
+    #[test]
+    fn kvstoremesh_key_refusals() {
+        let status: &[(&str, &str)] = &[
+            ("cilium/cache/eu-2/kvstoremesh/status", "UnknownPrefix"),
+            ("cilium/synced/eu-2/kvstoremesh", "Shape"),
+            ("cilium/synced/eu-2/kvstoremesh/status/", "Shape"),
+            ("cilium/synced/eu-2/cilium/cache/nodes/v1", "Shape"),
+            ("cilium/synced//kvstoremesh/status", "Name"),
+            ("cilium/synced/EU/kvstoremesh/status", "Name"),
+            ("cilium/synced/a/b/kvstoremesh/status", "Name"),
+        ];
+        for (key, variant) in status {
+            let err = parse_peer_status_key(key).unwrap_err();
+            assert!(format!("{err:?}").starts_with(variant), "{key}: {err:?}");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let heartbeat: &[(&str, &str)] = &[
+            ("cilium/.heartbeat", "UnknownPrefix"),
+            ("cilium/cache/heartbeats/eu-2", "UnknownPrefix"),
+            ("cilium/cache/heartbeat/", "Name"),
+            ("cilium/cache/heartbeat/eu-2/x", "Name"),
+            ("cilium/cache/heartbeat/Eu-2", "Name"),
+        ];
+        for (key, variant) in heartbeat {
+            let err = parse_heartbeat_cache_key(key).unwrap_err();
+            assert!(format!("{err:?}").starts_with(variant), "{key}: {err:?}");
+        }
+    }
+
     proptest! {
         #[test]
         fn round_trip(key in state_key(), other in testutil::cluster_name()) {
@@ -850,6 +976,14 @@ mod tests {
             let _ = parse_state_key(&key);
             let _ = parse_cache_key(&key);
             let _ = parse_cluster_config_key(&key);
+            let _ = parse_peer_status_key(&key);
+            let _ = parse_heartbeat_cache_key(&key);
+        }
+
+        #[test]
+        fn kvstoremesh_keys_round_trip(peer in testutil::cluster_name()) {
+            prop_assert_eq!(parse_peer_status_key(&peer_status_key(&peer)).unwrap(), peer.clone());
+            prop_assert_eq!(parse_heartbeat_cache_key(&heartbeat_cache_key(&peer)).unwrap(), peer);
         }
     }
 }

@@ -10,6 +10,9 @@
 //! - [`validate_entry`]: the gate every entry read from a peer passes.
 //! - [`annotations`]: the Service annotations that make a service global.
 //! - [`endpoint`]: a pod's interface, as the CNI plugin registers it with the node's agent.
+//! - [`PeerStatus`]: kvstoremesh's status of a peer; [`PeerFile`]: the peers directory's
+//!   files, both read by kvstoremesh and by agents that connect to peers themselves.
+//! - [`error_chain`]: an error and its sources as one line.
 //!
 //! `docs/values.md` documents every key and value.
 
@@ -18,6 +21,7 @@ pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod entry;
+pub mod errors;
 pub mod identity;
 pub mod ipcache;
 pub mod keys;
@@ -25,7 +29,9 @@ pub mod label;
 pub mod name;
 pub mod net;
 pub mod node;
+pub mod peerfile;
 pub mod service;
+pub mod status;
 pub mod value;
 
 #[cfg(test)]
@@ -37,6 +43,7 @@ pub use annotations::{Affinity, AnnotationWarning, ServiceMeshOptions, parse_ser
 pub use cluster::{ClusterId, IdError, MaxConnectedClusters};
 pub use config::{Capabilities, ClusterConfig, PeerError};
 pub use entry::{Entry, EntryError, validate_cluster_config, validate_entry, validate_key};
+pub use errors::error_chain;
 pub use identity::{Identity, IdentityError, IdentityRange, NumericIdentity, cluster_of};
 pub use ipcache::IpIdentity;
 pub use keys::{
@@ -46,5 +53,9 @@ pub use label::{Label, LabelError};
 pub use name::{ClusterName, DnsLabel, DnsSubdomain, NameError};
 pub use net::{IpPrefix, PrefixError};
 pub use node::{AddressKind, Node, NodeAddress};
-pub use service::{Backend, ClusterService, ExportType, L4Port, PortMap, Protocol, ServiceExport};
+pub use peerfile::{PeerFile, PeerFileError};
+pub use service::{
+    Backend, ClusterService, ExportType, L4Port, L4Protocol, PortMap, Protocol, ServiceExport,
+};
+pub use status::{KindStatus, PeerStatus, StatusError};
 pub use value::{DecodeError, SchemaVersion, StoreValue, ValueError};

@@ -1,6 +1,7 @@
 //! Global services as published to peers: frontends to match and backends to send to.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,37 @@ pub enum Protocol {
     /// SCTP.
     #[serde(rename = "SCTP")]
     Sctp,
+}
+
+/// An L4 protocol as Cilium's network policies name it: a [`Protocol`] or `ANY`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum L4Protocol {
+    /// `TCP`.
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// `UDP`.
+    #[serde(rename = "UDP")]
+    Udp,
+    /// `SCTP`.
+    #[serde(rename = "SCTP")]
+    Sctp,
+    /// `ANY`: every protocol.
+    #[default]
+    #[serde(rename = "ANY")]
+    Any,
+}
+
+impl fmt::Display for L4Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            L4Protocol::Tcp => "TCP",
+            L4Protocol::Udp => "UDP",
+            L4Protocol::Sctp => "SCTP",
+            L4Protocol::Any => "ANY",
+        })
+    }
 }
 
 /// A protocol and port number.

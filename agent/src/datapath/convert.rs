@@ -205,7 +205,7 @@ fn enforcement_key(e: &EnforcementEntry) -> EnforcementKey {
 mod tests {
     use super::*;
     use crate::tables::diff;
-    use crate::tables::tests::tables;
+    use agent_api::tables::strategies::tables;
     use proptest::prelude::*;
 
     proptest! {

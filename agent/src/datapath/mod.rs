@@ -33,10 +33,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::metrics::{MapLabels, Metrics, ReasonLabels};
+use crate::persist::write_durably;
 use crate::tables::{Change, Tables};
 use convert::{Desired, Routes};
 use routes::RouteSync;
@@ -111,85 +111,7 @@ pub enum StartError {
     Thread(#[source] std::io::Error),
 }
 
-/// A map's fill.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MapUsage {
-    /// The pinned map's name.
-    pub map: String,
-    /// Entries programmed.
-    pub entries: u64,
-    /// Capacity.
-    pub capacity: u64,
-}
-
-/// Packets and bytes of one reason and direction.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CounterView {
-    /// Why forwarded or dropped.
-    pub reason: String,
-    /// `ingress` or `egress` (seen from the pod).
-    pub direction: String,
-    /// Packets.
-    pub packets: u64,
-    /// Bytes.
-    pub bytes: u64,
-}
-
-/// The datapath as the API shows it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DatapathStatus {
-    /// `bpf` or `none`.
-    pub mode: String,
-    /// Why the datapath is off, when it is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub off_reason: Option<String>,
-    /// Where maps and links are pinned.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pin_dir: Option<String>,
-    /// The cgroup the socket programs are attached to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<String>,
-    /// Whether the tables have been programmed at least once.
-    pub programmed: bool,
-    /// Reconciles done.
-    pub reconciles: u64,
-    /// Map fills.
-    pub maps: Vec<MapUsage>,
-    /// Forwarded and dropped packets by reason.
-    pub counters: Vec<CounterView>,
-    /// Entries the IPv4 datapath cannot hold, by table.
-    pub skipped: BTreeMap<String, u64>,
-    /// Recent errors (full maps, failed attaches or routes), newest last.
-    pub errors: Vec<String>,
-}
-
-/// A dropped packet, as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DropView {
-    /// When (Unix milliseconds).
-    pub time_ms: u64,
-    /// `ingress` or `egress`, seen from the pod.
-    pub direction: String,
-    /// Why.
-    pub reason: String,
-    /// Source address and port.
-    pub src: String,
-    /// Destination address and port.
-    pub dst: String,
-    /// `TCP`, `UDP`, `ICMP` or the protocol number.
-    pub protocol: String,
-    /// The source's identity.
-    pub src_identity: u32,
-    /// The destination's identity.
-    pub dst_identity: u32,
-    /// The source's cluster id (0: unknown, world).
-    pub src_cluster: u16,
-    /// The destination's cluster id.
-    pub dst_cluster: u16,
-    /// The pod the interface belongs to (`namespace/name`), when registered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<String>,
-}
+pub use agent_api::datapath::{CounterView, DatapathStatus, DropView, MapUsage};
 
 /// Drop events kept for the API.
 const DROPS_KEPT: usize = 1024;
@@ -425,16 +347,6 @@ fn load_endpoints(path: Option<&Path>) -> BTreeMap<String, EndpointRegistration>
             BTreeMap::new()
         }
     }
-}
-
-/// Writes `bytes` to `path` durably: a temporary file, fsync, rename.
-pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 struct Owner {

@@ -592,7 +592,7 @@ async fn run_direct(
             }
             let path = dir.join(peer.as_str());
             let child = cancel.child_token();
-            let task = match kvstoremesh::parse_peer_file(
+            let task = match kvstore::client::parse_peer_file(
                 &peer,
                 &path,
                 &bytes,

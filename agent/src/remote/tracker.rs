@@ -18,11 +18,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use model::keys::cluster_config_key;
+use model::keys::{cluster_config_key, parse_heartbeat_cache_key, parse_peer_status_key};
 use model::{
-    ClusterConfig, ClusterName, Kind, validate_cluster_config, validate_entry, validate_key,
+    ClusterConfig, ClusterName, Kind, PeerStatus, validate_cluster_config, validate_entry,
+    validate_key,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::state::{EntryChange, PeerPart};
 
@@ -40,20 +40,7 @@ pub enum Layout {
     Cache,
 }
 
-/// A peer's phase, as the API shows it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// No accepted cluster config yet.
-    #[default]
-    Waiting,
-    /// Config accepted; waiting for the full listing and every sync canary.
-    Listing,
-    /// The agent uses the peer's state and follows its changes.
-    Synced,
-    /// The peer's config was refused: nothing of it is used.
-    Refused,
-}
+pub use agent_api::Phase;
 
 /// What a watcher saw about one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,15 +146,6 @@ pub enum PeerUpdate {
         /// Whether it can.
         connected: bool,
     },
-}
-
-/// The part of kvstoremesh's status of a peer the agent reads.
-#[derive(Deserialize)]
-struct MeshStatus {
-    #[serde(default)]
-    connected: bool,
-    #[serde(default)]
-    last_error: Option<String>,
 }
 
 /// One peer's state machine; see the [module docs](self).
@@ -311,9 +289,13 @@ impl PeerTracker {
             }),
             Signal::MeshStatus(value) => {
                 self.mesh_status_seen = true;
-                let status = value.and_then(|v| serde_json::from_slice::<MeshStatus>(&v).ok());
+                let status = value.map(|v| PeerStatus::decode_for(&self.peer, &v));
                 let (connected, error) = match status {
-                    Some(s) => (s.connected, s.last_error),
+                    Some(Ok(s)) => (s.connected, s.last_error),
+                    Some(Err(e)) => (
+                        false,
+                        Some(format!("kvstoremesh's status of the peer is unusable: {e}")),
+                    ),
                     None => (
                         false,
                         Some("kvstoremesh has no status for the peer".to_owned()),
@@ -501,11 +483,13 @@ pub fn classify(layout: Layout, key: &str) -> Option<KeyClass> {
         return cluster(name).map(KeyClass::Config);
     }
     if let Some(rest) = key.strip_prefix(SYNCED_ROOT) {
-        let (peer, rest) = rest.split_once('/')?;
-        let peer = cluster(peer)?;
-        if layout == Layout::Cache && rest == "kvstoremesh/status" {
+        if layout == Layout::Cache
+            && let Ok(peer) = parse_peer_status_key(key)
+        {
             return Some(KeyClass::MeshStatus(peer));
         }
+        let (peer, rest) = rest.split_once('/')?;
+        let peer = cluster(peer)?;
         let root = match layout {
             Layout::Direct => STATE_ROOT,
             Layout::Cache => CACHE_ROOT,
@@ -524,8 +508,8 @@ pub fn classify(layout: Layout, key: &str) -> Option<KeyClass> {
         }
         Layout::Cache => {
             let rest = key.strip_prefix(CACHE_ROOT)?;
-            if let Some(peer) = rest.strip_prefix("heartbeat/") {
-                return cluster(peer).map(|p| KeyClass::Heartbeat(Some(p)));
+            if let Ok(peer) = parse_heartbeat_cache_key(key) {
+                return Some(KeyClass::Heartbeat(Some(peer)));
             }
             let (kind, rest) = rest.split_once('/')?;
             let kind = Kind::from_name(kind)?;
@@ -562,7 +546,7 @@ pub fn signal_of(
 mod tests {
     use super::*;
     use model::StoreValue;
-    use model::keys::HEARTBEAT_KEY;
+    use model::keys::{HEARTBEAT_KEY, heartbeat_cache_key, peer_status_key};
     use model::{
         Capabilities, ClusterId, DnsSubdomain, MaxConnectedClusters, Node, SchemaVersion, StateKey,
     };
@@ -820,16 +804,18 @@ mod tests {
         }
     }
 
-    /// kvstoremesh's own key builders classify as the agent expects.
+    /// The keys kvstoremesh writes (built with `model`, as kvstoremesh builds them) classify
+    /// as the agent expects.
     #[test]
     fn kvstoremesh_keys() {
         let b = name("b");
         assert_eq!(
-            classify(Layout::Cache, &kvstoremesh::status_key(&b)),
+            classify(Layout::Cache, &peer_status_key(&b)),
             Some(KeyClass::MeshStatus(b.clone()))
         );
+        assert_eq!(classify(Layout::Direct, &peer_status_key(&b)), None);
         assert_eq!(
-            classify(Layout::Cache, &kvstoremesh::heartbeat_cache_key(&b)),
+            classify(Layout::Cache, &heartbeat_cache_key(&b)),
             Some(KeyClass::Heartbeat(Some(b.clone())))
         );
         for kind in USED_KINDS {
@@ -843,12 +829,8 @@ mod tests {
             );
         }
         // The status kvstoremesh writes parses as a link state.
-        let status = kvstoremesh::PeerStatus {
-            schema: 1,
-            peer: "b".into(),
-            connected: true,
-            ..Default::default()
-        };
+        let mut status = PeerStatus::new(b.clone(), "2026-01-01T00:00:00Z".into());
+        status.connected = true;
         let mut t = PeerTracker::new(b.clone(), Layout::Cache, config("a", 1));
         let mut out = Vec::new();
         t.handle(Signal::MeshStatus(Some(status.encode())), &mut out);
@@ -862,6 +844,42 @@ mod tests {
             ),
             "{out:?}"
         );
+    }
+
+    /// A status the agent cannot trust (not a status, or another peer's) says the link is
+    /// down and why, like a missing one; it never reads as connected.
+    #[test]
+    fn an_unusable_mesh_status_is_a_down_link() {
+        let b = name("b");
+        let mut other = PeerStatus::new(name("c"), "2026-01-01T00:00:00Z".into());
+        other.connected = true;
+        let cases: [(Option<Vec<u8>>, &str); 4] = [
+            (None, "has no status"),
+            (Some(b"{\"connected\":true}".to_vec()), "no \"schema\""),
+            (
+                Some(b"{\"schema\":2,\"peer\":\"b\",\"connected\":true}".to_vec()),
+                "schema version 2",
+            ),
+            (
+                Some(other.encode()),
+                "kvstoremesh status of c under the key of b",
+            ),
+        ];
+        for (value, expected) in cases {
+            let mut t = PeerTracker::new(b.clone(), Layout::Cache, config("a", 1));
+            let mut out = Vec::new();
+            t.handle(Signal::MeshStatus(value), &mut out);
+            match &out[..] {
+                [
+                    PeerUpdate::Link {
+                        connected: false,
+                        error: Some(error),
+                        ..
+                    },
+                ] => assert!(error.contains(expected), "{error}"),
+                other => panic!("{expected}: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -894,16 +912,6 @@ mod tests {
                 Layout::Cache,
                 "cilium/synced/b/cilium/cache/services/v1",
                 Some(Canary(b.clone(), Kind::Services)),
-            ),
-            (
-                Layout::Cache,
-                "cilium/synced/b/kvstoremesh/status",
-                Some(MeshStatus(b.clone())),
-            ),
-            (
-                Layout::Cache,
-                "cilium/cache/heartbeat/b",
-                Some(Heartbeat(Some(b.clone()))),
             ),
             (
                 Layout::Cache,

@@ -1,10 +1,10 @@
 //! Gives a real etcd cluster the access rules the embedded store enforces itself.
 //!
 //! The embedded store (`kvstore serve --cluster-name <us>`) maps each client certificate's CN
-//! to a [`Role`](crate::server::access::Role). etcd does the same with its own auth: when auth
-//! is enabled and etcd runs with `--client-cert-auth`, the CN of the client certificate is the
-//! user name. [`provision`] makes etcd's users and roles say what
-//! [`access`](crate::server::access) says, from the same [`Permission`] lists:
+//! to a role. etcd does the same with its own auth: when auth is enabled and etcd runs with
+//! `--client-cert-auth`, the CN of the client certificate is the user name. [`provision`]
+//! makes etcd's users and roles say what [`access`](crate::access) says, from the same
+//! [`Permission`] lists:
 //!
 //! | etcd user | etcd role | rights |
 //! |---|---|---|
@@ -46,7 +46,7 @@ use etcd_client::{PermissionType, RoleRevokePermissionOptions, UserAddOptions};
 use tonic::Code;
 
 use super::{Error, StoreClient};
-use crate::server::access::{Permission, local_permissions, remote_permissions};
+use crate::access::{Permission, local_permissions, remote_permissions};
 
 /// The etcd role of the peers' `remote-<peer>` users.
 pub const REMOTE_ROLE: &str = "mesh-remote";
@@ -250,8 +250,7 @@ fn from_etcd(perm: &etcd_client::Permission) -> Permission {
 /// Whether an error is etcd saying the thing to create already exists (a concurrent
 /// provisioner won the race).
 fn already_exists(err: &Error) -> bool {
-    err.grpc_code() == Some(Code::FailedPrecondition)
-        && daemon::error_chain(err).contains("already")
+    err.grpc_code() == Some(Code::FailedPrecondition) && model::error_chain(err).contains("already")
 }
 
 /// Runs the auth requests of one provisioning call and sorts their errors.
@@ -276,7 +275,7 @@ impl<'a> Provisioner<'a> {
     /// the caller's own CN is no etcd user.
     fn fail_as_caller(&self, step: String, source: Error) -> ProvisionError {
         if source.grpc_code() == Some(Code::FailedPrecondition)
-            && daemon::error_chain(&source).contains("user name not found")
+            && model::error_chain(&source).contains("user name not found")
         {
             return ProvisionError::NotRoot {
                 us: self.us.clone(),
@@ -511,7 +510,7 @@ impl<'a> Provisioner<'a> {
             // Deleted concurrently: the goal is reached.
             Err(err)
                 if err.grpc_code() == Some(Code::FailedPrecondition)
-                    && daemon::error_chain(&err).contains("not found") =>
+                    && model::error_chain(&err).contains("not found") =>
             {
                 Ok(())
             }

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvstore::client::{ClientConfig, Op, StoreClient};
-use kvstoremesh::{MeshConfig, PeerStatus, Running, Timing};
+use kvstoremesh::{MeshConfig, Running, Timing};
 use model::keys::{CACHE_ROOT, HEARTBEAT_KEY, STATE_ROOT};
 use model::{
-    Capabilities, ClusterConfig, ClusterId, ClusterName, Kind, MaxConnectedClusters, StoreValue,
-    parse_state_key, to_cache_key,
+    Capabilities, ClusterConfig, ClusterId, ClusterName, Kind, MaxConnectedClusters, PeerStatus,
+    StoreValue, parse_state_key, to_cache_key,
 };
 use testkit::{Backend, StoreOptions, StoreProcess};
 use tokio_util::sync::CancellationToken;
@@ -324,7 +324,7 @@ pub async fn everything_of(local: &StoreClient, peer: &ClusterName) -> State {
     state.extend(list(local, &format!("cilium/synced/{peer}/")).await);
     for key in [
         model::keys::cluster_config_key(peer),
-        kvstoremesh::heartbeat_cache_key(peer),
+        model::keys::heartbeat_cache_key(peer),
     ] {
         if let Some(entry) = local.raw().get(&key).await.unwrap() {
             state.insert(key, entry.value);
@@ -337,10 +337,10 @@ pub async fn everything_of(local: &StoreClient, peer: &ClusterName) -> State {
 pub async fn status_of(local: &StoreClient, peer: &ClusterName) -> Option<PeerStatus> {
     let entry = local
         .raw()
-        .get(&kvstoremesh::status_key(peer))
+        .get(&model::keys::peer_status_key(peer))
         .await
         .ok()??;
-    Some(serde_json::from_slice(&entry.value).expect("status decodes"))
+    Some(PeerStatus::decode_for(peer, &entry.value).expect("status decodes"))
 }
 
 /// Polls `check` until it returns `Some`, or fails the test after `timeout` saying `what`

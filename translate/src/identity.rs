@@ -35,7 +35,7 @@ use model::keys::Kind;
 use model::{ClusterConfig, Entry, Identity, IdentityError, IdentityRange, Label, NumericIdentity};
 use model::{StoreValue, validate_entry};
 
-use crate::translate::Warning;
+use crate::Warning;
 
 /// The security labels an identity stands for, in canonical order.
 pub type LabelSet = BTreeSet<Label>;
@@ -318,7 +318,7 @@ impl IdentityAllocator {
 }
 
 /// How warnings name an identity.
-pub(crate) fn identity_object(id: NumericIdentity) -> String {
+pub fn identity_object(id: NumericIdentity) -> String {
     format!("Identity {id}")
 }
 

@@ -1,4 +1,5 @@
-//! Global services: this cluster's part of each, with its backends unless they are private.
+//! Services: every Service with its frontends and backends, and whether it is global, shared
+//! and affine.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -8,11 +9,11 @@ use cluster_source::{ClusterObjects, NamespacedName, ObjectKind};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use model::{
-    Backend, ClusterService, DnsLabel, DnsSubdomain, Entry, L4Port, PortMap, Protocol,
-    parse_service_annotations,
+    Affinity, Backend, ClusterService, DnsLabel, DnsSubdomain, L4Port, PortMap, Protocol,
+    ServiceMeshOptions, parse_service_annotations,
 };
 
-use super::{Encoded, Out, Warning, encode, object_name};
+use super::{Facts, TranslateConfig, Warning, object_name};
 
 /// Namespace annotation: `"true"` lets the namespace's services be global, `"false"` keeps
 /// them local whatever their own annotations say; absent means
@@ -27,27 +28,48 @@ const HEADLESS: &str = "None";
 
 type Slices<'a> = BTreeMap<(&'a str, &'a str), Vec<(&'a NamespacedName, &'a Arc<EndpointSlice>)>>;
 
-/// A global service's translation, kept while its Service and its EndpointSlices are the
-/// same objects: 1,000 services of 100 endpoints cost ~0.2 s to
-/// translate, and an edit changes one of them.
-#[derive(Debug)]
-pub(super) struct ServiceFacts {
-    /// The Service (its annotations decide `shared`, so the same object shares alike).
-    service: Arc<Service>,
-    slices: Vec<Arc<EndpointSlice>>,
-    /// What translating it warned about.
-    warnings: Vec<Warning>,
-    /// Its entry, unless it could not be published.
-    encoded: Option<Encoded>,
+/// One Service, and what the mesh makes of it in this cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFact {
+    /// Its annotations make it global and its namespace lets them: it takes other clusters'
+    /// backends, and other clusters learn of it.
+    pub global: bool,
+    /// Global, and not kept private (`service.cilium.io/shared: "false"`): other clusters may
+    /// use its backends.
+    pub shared: bool,
+    /// Which backends it prefers; always `None` when it is not global.
+    pub affinity: Affinity,
+    /// Its frontends (cluster IPs) and every ready or serving backend (shared or not: the
+    /// cluster always uses its own), with `shared` as above and `include_external` = `global`;
+    /// `None` when its namespace or name is not a DNS label, which no mesh value can hold.
+    pub value: Option<ClusterService>,
+    /// What was wrong with its name, ports or cluster IPs.
+    pub warnings: Vec<Warning>,
+    /// What was wrong with its EndpointSlices, apart, for consumers that leave the backends
+    /// out.
+    pub backend_warnings: Vec<Warning>,
 }
 
-impl ServiceFacts {
+/// A Service's fact, kept while its Service, its EndpointSlices and its namespace's say are
+/// the same: 1,000 services of 100 endpoints cost ~0.2 s to translate, and an edit changes
+/// one of them.
+#[derive(Debug)]
+pub(super) struct CachedService {
+    /// The Service (its annotations decide `shared` and `affinity`).
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    fact: Arc<ServiceFact>,
+}
+
+impl CachedService {
     fn still_valid(
         &self,
         service: &Arc<Service>,
         slices: &[(&NamespacedName, &Arc<EndpointSlice>)],
+        global: bool,
     ) -> bool {
         Arc::ptr_eq(&self.service, service)
+            && self.fact.global == global
             && self.slices.len() == slices.len()
             && self
                 .slices
@@ -57,18 +79,22 @@ impl ServiceFacts {
     }
 }
 
-/// The cached translation of every global service, by key.
-pub(super) type ServiceCache = BTreeMap<NamespacedName, ServiceFacts>;
+/// The cached fact of every Service, by key.
+pub(super) type ServiceCache = BTreeMap<NamespacedName, CachedService>;
 
-pub(super) fn translate(objects: &ClusterObjects, cache: &mut ServiceCache, out: &mut Out) {
-    let global_namespaces = namespace_globals(objects, out);
-    let default = out.config.default_global_namespace;
+pub(super) fn translate(
+    objects: &ClusterObjects,
+    config: &TranslateConfig,
+    cache: &mut ServiceCache,
+    facts: &mut Facts,
+) {
+    let global_namespaces = namespace_globals(objects, &mut facts.service_warnings);
     let namespace_is_global = |ns: &str| {
         global_namespaces
             .get(ns)
             .copied()
             .flatten()
-            .unwrap_or(default)
+            .unwrap_or(config.default_global_namespace)
     };
     let mut slices: Slices = BTreeMap::new();
     for (key, slice) in &objects.endpoint_slices {
@@ -84,7 +110,7 @@ pub(super) fn translate(objects: &ClusterObjects, cache: &mut ServiceCache, out:
                 .push((key, slice));
         }
     }
-    let mut services = Vec::new();
+    let mut old = std::mem::take(cache);
     for (key, service) in &objects.services {
         let object = object_name(ObjectKind::Service, Some(&key.namespace), &key.name);
         let no_annotations = BTreeMap::new();
@@ -95,51 +121,34 @@ pub(super) fn translate(objects: &ClusterObjects, cache: &mut ServiceCache, out:
             .unwrap_or(&no_annotations);
         let (options, warnings) = parse_service_annotations(annotations);
         for warning in warnings {
-            out.warn(&object, warning.to_string());
+            facts
+                .service_warnings
+                .push(Warning::new(&object, warning.to_string()));
         }
-        if options.global && namespace_is_global(&key.namespace) {
-            services.push((key, service, object, options.shared));
-        }
-    }
-    let mut old = std::mem::take(cache);
-    for (key, service, object, shared) in services {
+        let global = options.global && namespace_is_global(&key.namespace);
         let own_slices = slices
             .get(&(key.namespace.as_str(), key.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let kept = old
-            .remove(key)
-            .filter(|facts| facts.still_valid(service, own_slices));
-        let facts = match kept {
-            Some(facts) => {
-                out.published
-                    .warnings
-                    .extend(facts.warnings.iter().cloned());
-                facts
-            }
-            None => {
-                let mark = out.published.warnings.len();
-                let encoded = service_value(key, service, shared, own_slices, &object, out)
-                    .map(|value| encode(out.config, Entry::Service(value)));
-                ServiceFacts {
-                    service: Arc::clone(service),
-                    slices: own_slices.iter().map(|(_, s)| Arc::clone(s)).collect(),
-                    warnings: out.published.warnings[mark..].to_vec(),
-                    encoded,
-                }
-            }
+        let cached = match old.remove(key) {
+            Some(cached) if cached.still_valid(service, own_slices, global) => cached,
+            _ => CachedService {
+                service: Arc::clone(service),
+                slices: own_slices.iter().map(|(_, s)| Arc::clone(s)).collect(),
+                fact: Arc::new(ServiceFact::read(
+                    key, service, options, global, own_slices, &object, config,
+                )),
+            },
         };
-        if let Some(encoded) = &facts.encoded {
-            out.insert(&object, encoded);
-        }
-        cache.insert(key.clone(), facts);
+        facts.services.insert(key.clone(), Arc::clone(&cached.fact));
+        cache.insert(key.clone(), cached);
     }
 }
 
 /// Each Namespace's own say (`None`: no valid annotation), warning about bad values.
 fn namespace_globals<'a>(
     objects: &'a ClusterObjects,
-    out: &mut Out,
+    warnings: &mut Vec<Warning>,
 ) -> BTreeMap<&'a str, Option<bool>> {
     let annotation = |ns: &'a Namespace| {
         ns.metadata
@@ -152,13 +161,13 @@ fn namespace_globals<'a>(
         let value = annotation(namespace).and_then(|value| {
             let parsed = parse_bool(value);
             if parsed.is_none() {
-                out.warn(
-                    &object_name(ObjectKind::Namespace, None, name),
+                warnings.push(Warning::new(
+                    object_name(ObjectKind::Namespace, None, name),
                     format!(
                         "annotation {NAMESPACE_GLOBAL_ANNOTATION}: value {value:?} is not \
                          \"true\" or \"false\"; ignoring it"
                     ),
-                );
+                ));
             }
             parsed
         });
@@ -177,60 +186,71 @@ fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
-fn service_value(
-    key: &NamespacedName,
-    service: &Service,
-    shared: bool,
-    slices: &[(&NamespacedName, &Arc<EndpointSlice>)],
-    object: &str,
-    out: &mut Out,
-) -> Option<ClusterService> {
-    let names = DnsLabel::new(key.namespace.as_str()).and_then(|ns| {
-        let name = DnsLabel::new(key.name.as_str())?;
-        Ok((ns, name))
-    });
-    let (namespace, name) = match names {
-        Ok(names) => names,
-        Err(error) => {
-            out.warn(object, format!("not published: {error}"));
-            return None;
-        }
-    };
-    let spec = service.spec.as_ref();
-    let ports = service_ports(service, object, out);
-    let mut frontends = BTreeMap::new();
-    for ip in cluster_ips(service) {
-        match ip.parse::<IpAddr>() {
-            Ok(ip) => {
-                frontends.insert(ip, ports.clone());
+impl ServiceFact {
+    /// What the mesh makes of `service`, given what its annotations ask (`options`) and
+    /// whether that makes it global in its namespace.
+    fn read(
+        key: &NamespacedName,
+        service: &Service,
+        options: ServiceMeshOptions,
+        global: bool,
+        slices: &[(&NamespacedName, &Arc<EndpointSlice>)],
+        object: &str,
+        config: &TranslateConfig,
+    ) -> Self {
+        let mut fact = ServiceFact {
+            global,
+            shared: global && options.shared,
+            affinity: if global {
+                options.affinity
+            } else {
+                Affinity::None
+            },
+            value: None,
+            warnings: Vec::new(),
+            backend_warnings: Vec::new(),
+        };
+        let mut warn = |message: String| fact.warnings.push(Warning::new(object, message));
+        let names = DnsLabel::new(key.namespace.as_str()).and_then(|ns| {
+            let name = DnsLabel::new(key.name.as_str())?;
+            Ok((ns, name))
+        });
+        let (namespace, name) = match names {
+            Ok(names) => names,
+            Err(error) => {
+                warn(format!("not published: {error}"));
+                return fact;
             }
-            Err(_) => out.warn(
-                object,
-                format!("cluster IP {ip:?} is not an IP address; left out"),
-            ),
+        };
+        let spec = service.spec.as_ref();
+        let ports = service_ports(service, &mut warn);
+        let mut frontends = BTreeMap::new();
+        for ip in cluster_ips(service) {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => {
+                    frontends.insert(ip, ports.clone());
+                }
+                Err(_) => warn(format!("cluster IP {ip:?} is not an IP address; left out")),
+            }
         }
+        let backends = backends(slices, &mut fact.backend_warnings);
+        let cluster = &config.cluster;
+        fact.value = Some(ClusterService {
+            schema: Default::default(),
+            cluster: cluster.name.clone(),
+            cluster_id: cluster.id,
+            namespace,
+            name,
+            frontends,
+            backends,
+            shared: fact.shared,
+            // A global service takes remote backends.
+            include_external: fact.global,
+            labels: service.metadata.labels.clone().unwrap_or_default(),
+            selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
+        });
+        fact
     }
-    // Peers learn that the service exists here, but not where its backends are.
-    let backends = if shared {
-        backends(slices, out)
-    } else {
-        BTreeMap::new()
-    };
-    let cluster = &out.config.cluster;
-    Some(ClusterService {
-        schema: Default::default(),
-        cluster: cluster.name.clone(),
-        cluster_id: cluster.id,
-        namespace,
-        name,
-        frontends,
-        backends,
-        shared,
-        // Only global services are published, and a global service takes remote backends.
-        include_external: true,
-        labels: service.metadata.labels.clone().unwrap_or_default(),
-        selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
-    })
 }
 
 /// `spec.clusterIPs`, or the older `spec.clusterIP`; none for a headless service.
@@ -247,7 +267,7 @@ fn cluster_ips(service: &Service) -> Vec<&str> {
         .collect()
 }
 
-fn service_ports(service: &Service, object: &str, out: &mut Out) -> PortMap {
+fn service_ports(service: &Service, warn: &mut impl FnMut(String)) -> PortMap {
     let listed = service
         .spec
         .as_ref()
@@ -256,14 +276,7 @@ fn service_ports(service: &Service, object: &str, out: &mut Out) -> PortMap {
     let mut ports = PortMap::new();
     for port in listed {
         let name = port.name.clone().unwrap_or_default();
-        add_port(
-            &mut ports,
-            name,
-            port.protocol.as_deref(),
-            port.port,
-            object,
-            out,
-        );
+        add_port(&mut ports, name, port.protocol.as_deref(), port.port, warn);
     }
     ports
 }
@@ -274,36 +287,32 @@ fn add_port(
     name: String,
     protocol: Option<&str>,
     number: i32,
-    object: &str,
-    out: &mut Out,
+    warn: &mut impl FnMut(String),
 ) {
     let protocol = match protocol.unwrap_or("TCP") {
         "TCP" => Protocol::Tcp,
         "UDP" => Protocol::Udp,
         "SCTP" => Protocol::Sctp,
         other => {
-            out.warn(
-                object,
-                format!("port {name:?}: protocol {other:?} is not TCP, UDP or SCTP; left out"),
-            );
+            warn(format!(
+                "port {name:?}: protocol {other:?} is not TCP, UDP or SCTP; left out"
+            ));
             return;
         }
     };
     let port = match u16::try_from(number) {
         Ok(port) if port != 0 => port,
         _ => {
-            out.warn(
-                object,
-                format!("port {name:?}: {number} is not a port number (1..=65535); left out"),
-            );
+            warn(format!(
+                "port {name:?}: {number} is not a port number (1..=65535); left out"
+            ));
             return;
         }
     };
     if ports.contains_key(&name) {
-        out.warn(
-            object,
-            format!("port name {name:?} is used twice; the first one is kept"),
-        );
+        warn(format!(
+            "port name {name:?} is used twice; the first one is kept"
+        ));
         return;
     }
     ports.insert(name, L4Port { protocol, port });
@@ -314,7 +323,7 @@ fn add_port(
 /// it is ready or serving if any slice says so, terminating only if all do.
 fn backends(
     slices: &[(&NamespacedName, &Arc<EndpointSlice>)],
-    out: &mut Out,
+    warnings: &mut Vec<Warning>,
 ) -> BTreeMap<IpAddr, Backend> {
     let mut backends: BTreeMap<IpAddr, Backend> = BTreeMap::new();
     for (key, slice) in slices {
@@ -323,34 +332,32 @@ fn backends(
             continue;
         }
         let object = object_name(ObjectKind::EndpointSlice, Some(&key.namespace), &key.name);
+        let mut warn = |message: String| warnings.push(Warning::new(&object, message));
         let mut ports = PortMap::new();
         for port in slice.ports.as_deref().unwrap_or_default() {
             let name = port.name.clone().unwrap_or_default();
             match port.port {
-                Some(number) => add_port(
-                    &mut ports,
-                    name,
-                    port.protocol.as_deref(),
-                    number,
-                    &object,
-                    out,
-                ),
-                None => out.warn(
-                    &object,
-                    format!("port {name:?} has no number (all ports); left out"),
-                ),
+                Some(number) => {
+                    add_port(
+                        &mut ports,
+                        name,
+                        port.protocol.as_deref(),
+                        number,
+                        &mut warn,
+                    );
+                }
+                None => warn(format!("port {name:?} has no number (all ports); left out")),
             }
         }
         for endpoint in &slice.endpoints {
-            let Some(template) = backend(endpoint, &ports, &object, out) else {
+            let Some(template) = backend(endpoint, &ports, &mut warn) else {
                 continue;
             };
             for address in &endpoint.addresses {
                 let Ok(ip) = address.parse::<IpAddr>() else {
-                    out.warn(
-                        &object,
-                        format!("endpoint address {address:?} is not an IP address; left out"),
-                    );
+                    warn(format!(
+                        "endpoint address {address:?} is not an IP address; left out"
+                    ));
                     continue;
                 };
                 match backends.get_mut(&ip) {
@@ -370,7 +377,7 @@ fn backends(
 /// Conditions follow the EndpointSlice API: `ready` and `serving` count as true when unset
 /// (`serving` falls back to `ready`, for controllers older than the field), `terminating`
 /// as false. A terminating endpoint is never ready, only serving.
-fn backend(endpoint: &Endpoint, ports: &PortMap, object: &str, out: &mut Out) -> Option<Backend> {
+fn backend(endpoint: &Endpoint, ports: &PortMap, warn: &mut impl FnMut(String)) -> Option<Backend> {
     let conditions = endpoint.conditions.clone().unwrap_or_default();
     let terminating = conditions.terminating.unwrap_or(false);
     let declared_ready = conditions.ready.unwrap_or(true);
@@ -381,12 +388,12 @@ fn backend(endpoint: &Endpoint, ports: &PortMap, object: &str, out: &mut Out) ->
     }
     let node_name = endpoint.node_name.as_deref().and_then(|n| {
         DnsSubdomain::new(n)
-            .map_err(|e| out.warn(object, format!("endpoint nodeName left out: {e}")))
+            .map_err(|e| warn(format!("endpoint nodeName left out: {e}")))
             .ok()
     });
     let hostname = endpoint.hostname.as_deref().and_then(|h| {
         DnsLabel::new(h)
-            .map_err(|e| out.warn(object, format!("endpoint hostname left out: {e}")))
+            .map_err(|e| warn(format!("endpoint hostname left out: {e}")))
             .ok()
     });
     Some(Backend {
@@ -424,10 +431,11 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
-    use super::super::testutil::{config, objects, translate_all, values};
-    use super::super::{TranslateCache, TranslateConfig, Warning, translate, translate_cached};
+    use super::super::testutil::{config, objects, translate_all};
+    use super::super::{Facts, TranslateCache, TranslateConfig, translate, translate_cached};
+    use super::ServiceFact;
     use crate::identity::IdentityAllocator;
-    use model::{ClusterService, Kind};
+    use model::Affinity;
 
     fn svc(ns: &str, name: &str, annotations: Value, cluster_ip: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "Service",
@@ -459,32 +467,56 @@ mod tests {
             "annotations": {"clustermesh.cilium.io/global": global}}})
     }
 
-    fn published_services(
-        docs: Vec<Value>,
-        config: &TranslateConfig,
-    ) -> (Vec<ClusterService>, Vec<Warning>) {
-        let published = translate_all(&objects(docs), config);
-        (values(&published, Kind::Services), published.warnings)
+    fn of(docs: Vec<Value>, config: &TranslateConfig) -> Facts {
+        translate_all(&objects(docs), config)
     }
 
-    fn names(services: &[ClusterService]) -> Vec<String> {
-        services
+    fn fact<'a>(facts: &'a Facts, ns: &str, name: &str) -> &'a ServiceFact {
+        &facts.services[&cluster_source::NamespacedName::new(ns, name)]
+    }
+
+    /// (namespace/name, global, shared, affinity, backends) of every service, in key order.
+    fn flags(facts: &Facts) -> Vec<(String, bool, bool, Affinity, usize)> {
+        facts
+            .services
             .iter()
-            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .map(|(key, fact)| {
+                let value = fact.value.as_ref().expect("valid names");
+                assert_eq!(
+                    (value.shared, value.include_external),
+                    (fact.shared, fact.global),
+                    "the value says what the fact says"
+                );
+                (
+                    format!("{}/{}", key.namespace, key.name),
+                    fact.global,
+                    fact.shared,
+                    fact.affinity,
+                    value.backends.len(),
+                )
+            })
             .collect()
     }
 
+    /// Every Service is a fact, with all its backends; its annotations and its namespace's
+    /// decide whether it is global, shared and affine.
     #[test]
-    fn which_services_are_published() {
+    fn what_the_mesh_makes_of_each_service() {
         let docs = vec![
             svc("shop", "web", global(), "10.96.0.10"),
             svc(
                 "shop",
                 "old",
-                json!({"io.cilium/global-service": "TRUE"}),
+                json!({"io.cilium/global-service": "TRUE",
+                "io.cilium/service-affinity": "remote"}),
                 "10.96.0.11",
             ),
-            svc("shop", "local", json!({}), "10.96.0.12"),
+            svc(
+                "shop",
+                "local",
+                json!({"service.cilium.io/affinity": "local"}),
+                "10.96.0.12",
+            ),
             svc(
                 "shop",
                 "off",
@@ -495,7 +527,8 @@ mod tests {
                 "shop",
                 "private",
                 json!({"service.cilium.io/global": "true",
-                "service.cilium.io/shared": "false"}),
+                "service.cilium.io/shared": "false",
+                "service.cilium.io/affinity": "local"}),
                 "10.96.0.14",
             ),
             svc(
@@ -505,7 +538,13 @@ mod tests {
                 "io.cilium/shared-service": "false"}),
                 "10.96.0.15",
             ),
-            svc("closed", "web", global(), "10.96.1.10"),
+            svc(
+                "closed",
+                "web",
+                json!({"service.cilium.io/global": "true",
+                "service.cilium.io/affinity": "local"}),
+                "10.96.1.10",
+            ),
             svc("open", "web", global(), "10.96.2.10"),
             svc("nons", "web", global(), "10.96.3.10"),
             namespace("closed", "false"),
@@ -519,40 +558,50 @@ mod tests {
             ),
             slice(
                 "shop",
-                "private-old-abc",
-                "private-old",
+                "local-abc",
+                "local",
                 json!([ep("10.2.1.6", json!({}))]),
             ),
+            slice(
+                "closed",
+                "web-abc",
+                "web",
+                json!([ep("10.2.1.7", json!({}))]),
+            ),
         ];
-        let (services, warnings) = published_services(docs.clone(), &config());
-        assert!(warnings.is_empty(), "{warnings:?}");
+        let facts = of(docs.clone(), &config());
+        let warnings: Vec<String> = facts.warnings().map(ToString::to_string).collect();
         assert_eq!(
-            names(&services),
+            warnings,
             [
-                "nons/web",
-                "open/web",
-                "shop/old",
-                "shop/private",
-                "shop/private-old",
-                "shop/web"
+                "Service shop/local: annotation service.cilium.io/affinity has no effect: the \
+              service is not global"
             ]
         );
-        for private in &services[3..5] {
-            assert!(!private.shared);
-            assert!(
-                private.backends.is_empty(),
-                "private backends never leave the cluster"
-            );
-            assert_eq!(private.frontends.len(), 1);
-        }
-        assert!(services.iter().all(|s| s.include_external));
+        let row = |name: &str, global, shared, affinity, backends| {
+            (name.to_owned(), global, shared, affinity, backends)
+        };
+        assert_eq!(
+            flags(&facts),
+            [
+                row("closed/web", false, false, Affinity::None, 1),
+                row("nons/web", true, true, Affinity::None, 0),
+                row("open/web", true, true, Affinity::None, 0),
+                row("shop/local", false, false, Affinity::None, 1),
+                row("shop/off", false, false, Affinity::None, 0),
+                row("shop/old", true, true, Affinity::Remote, 0),
+                row("shop/private", true, false, Affinity::Local, 1),
+                row("shop/private-old", true, false, Affinity::None, 0),
+                row("shop/web", true, true, Affinity::None, 0),
+            ]
+        );
 
-        // Without the default, only namespaces annotated true publish.
+        // Without the default, only namespaces annotated true have global services.
         let mut cfg = config();
         cfg.default_global_namespace = false;
-        let (services, _) = published_services(docs, &cfg);
+        let globals: Vec<String> = facts_globals(&of(docs, &cfg));
         assert_eq!(
-            names(&services),
+            globals,
             [
                 "open/web",
                 "shop/old",
@@ -561,6 +610,15 @@ mod tests {
                 "shop/web"
             ]
         );
+    }
+
+    fn facts_globals(facts: &Facts) -> Vec<String> {
+        facts
+            .services
+            .iter()
+            .filter(|(_, fact)| fact.global)
+            .map(|(key, _)| format!("{}/{}", key.namespace, key.name))
+            .collect()
     }
 
     #[test]
@@ -608,10 +666,16 @@ mod tests {
             slice("shop", "db-a", "db", json!([ep("10.2.9.9", json!({}))])),
             slice("other", "web-x", "web", json!([ep("10.2.8.8", json!({}))])),
         ];
-        let (services, warnings) = published_services(docs, &config());
+        let facts = of(docs, &config());
+        let warnings: Vec<_> = facts.warnings().collect();
         assert!(warnings.is_empty(), "{warnings:?}");
-        assert_eq!(services.len(), 1);
-        let json = serde_json::to_value(&services[0]).unwrap();
+        assert_eq!(facts.services.len(), 1);
+        let web = fact(&facts, "shop", "web");
+        assert_eq!(
+            (web.global, web.shared, web.affinity),
+            (true, true, Affinity::Local)
+        );
+        let json = serde_json::to_value(web.value.as_ref().unwrap()).unwrap();
         let tcp = |port: u16| json!({"protocol": "TCP", "port": port});
         let udp = |port: u16| json!({"protocol": "UDP", "port": port});
         assert_eq!(
@@ -651,10 +715,12 @@ mod tests {
                 json!([ep("10.2.1.40", json!({"ready": true}))]),
             ),
         ];
-        let (services, warnings) = published_services(docs, &config());
+        let facts = of(docs, &config());
+        let warnings: Vec<_> = facts.warnings().collect();
         assert!(warnings.is_empty(), "{warnings:?}");
-        assert!(services[0].frontends.is_empty());
-        assert_eq!(services[0].backends.len(), 1);
+        let db = fact(&facts, "shop", "db").value.as_ref().unwrap();
+        assert!(db.frontends.is_empty());
+        assert_eq!(db.backends.len(), 1);
     }
 
     #[test]
@@ -695,15 +761,26 @@ mod tests {
                 "ports": [{"name": "http"}],
                 "endpoints": [{"addresses": ["10.2.1.300", "10.2.1.3"], "nodeName": "Node_A"}]}),
         ];
-        let (services, warnings) = published_services(docs, &config());
-        assert_eq!(names(&services), ["shop/odd", "shop/web"]);
-        // The bad affinity counts as absent: the service is published as usual.
-        assert_eq!(services[1].frontends.len(), 1);
+        let facts = of(docs, &config());
+        assert_eq!(
+            facts_globals(&facts),
+            ["shop/odd", "shop/web"],
+            "global: \"yes\" is not global"
+        );
+        // The bad affinity counts as absent: the service is global as usual.
+        let web = fact(&facts, "shop", "web");
+        assert_eq!(web.affinity, Affinity::None);
+        let web = web.value.as_ref().unwrap();
+        assert_eq!(web.frontends.len(), 1);
         let ip3: std::net::IpAddr = "10.2.1.3".parse().unwrap();
-        assert_eq!(services[1].backends[&ip3].node_name, None);
-        assert!(services[1].backends[&ip3].ports.is_empty());
-        assert!(services[0].frontends.is_empty());
-        let text: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(web.backends[&ip3].node_name, None);
+        assert!(web.backends[&ip3].ports.is_empty());
+        let odd = fact(&facts, "shop", "odd");
+        assert!(odd.value.as_ref().unwrap().frontends.is_empty());
+        assert_eq!(odd.warnings.len(), 4);
+        assert!(odd.backend_warnings.is_empty());
+        assert_eq!(fact(&facts, "shop", "web").backend_warnings.len(), 3);
+        let text: Vec<String> = facts.warnings().map(ToString::to_string).collect();
         let expect = [
             "Namespace weird: annotation clustermesh.cilium.io/global: value \"maybe\"",
             "Service shop/lonely: annotation service.cilium.io/shared has no effect",
@@ -724,6 +801,25 @@ mod tests {
                 "{got:?} should start with {want:?}\n{text:#?}"
             );
         }
+    }
+
+    /// A Service whose name no mesh value can hold is still a fact, with its flags, a warning
+    /// and no value.
+    #[test]
+    fn a_service_without_a_dns_name_has_no_value() {
+        let facts = of(
+            vec![svc("shop", "Web_1", global(), "10.96.0.10")],
+            &config(),
+        );
+        let web = fact(&facts, "shop", "Web_1");
+        assert!(web.global && web.shared);
+        assert_eq!(web.value, None);
+        let text: Vec<String> = facts.warnings().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 1, "{text:#?}");
+        assert!(
+            text[0].starts_with("Service shop/Web_1: not published: "),
+            "{text:#?}"
+        );
     }
 
     /// One service's manifests, from a few knobs: global, shared, a good or bad cluster IP,
@@ -768,23 +864,35 @@ mod tests {
         )
     }
 
+    /// The namespace of the services: absent, or annotated true, false or something else.
+    fn namespace_doc(say: u8) -> Option<Value> {
+        match say {
+            0 => None,
+            1 => Some(namespace("shop", "true")),
+            2 => Some(namespace("shop", "false")),
+            _ => Some(namespace("shop", "maybe")),
+        }
+    }
+
     proptest! {
         /// Translating services with the cache of the previous translations gives exactly
-        /// what a translation from scratch gives, while services and slices are edited.
+        /// what a translation from scratch gives, while services, slices and their namespace
+        /// are edited.
         #[test]
         fn the_cache_changes_nothing_but_the_cost(
-            steps in prop::collection::vec(prop::collection::vec(knobs(), 3), 1..6),
+            steps in prop::collection::vec((prop::collection::vec(knobs(), 3), 0u8..4), 1..6),
         ) {
             let cfg = config();
             let mut cached_ids = IdentityAllocator::new(&cfg.cluster).unwrap();
             let mut plain_ids = IdentityAllocator::new(&cfg.cluster).unwrap();
             let mut cache = TranslateCache::default();
             let mut previous = ClusterObjects::default();
-            for step in &steps {
+            for (services, say) in &steps {
                 let docs = ["a", "b", "c"]
                     .iter()
-                    .zip(step)
+                    .zip(services)
                     .flat_map(|(name, knobs)| service_docs(name, *knobs))
+                    .chain(namespace_doc(*say))
                     .collect();
                 let mut snapshot = objects(docs);
                 // A source hands over the same object for what did not change.

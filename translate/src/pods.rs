@@ -11,14 +11,11 @@ use std::sync::Arc;
 
 use cluster_source::{ClusterObjects, NamespacedName, ObjectKind};
 use k8s_openapi::api::core::v1::Pod;
-use model::keys::Kind;
 use model::label::K8S_SOURCE;
-use model::{
-    DnsLabel, DnsSubdomain, Entry, Identity, IpIdentity, IpPrefix, Label, NumericIdentity,
-};
+use model::{DnsLabel, DnsSubdomain, Identity, IpIdentity, IpPrefix, Label, NumericIdentity};
 
-use super::{Encoded, Out, TranslateConfig, object_name};
-use crate::identity::{AllocError, IdentityAllocator, LabelSet, identity_object};
+use super::{Facts, TranslateConfig, Warning, object_name};
+use crate::identity::{AllocError, IdentityAllocator, LabelSet};
 
 /// The label every identity carries with its pods' namespace; policies select by it.
 pub const NAMESPACE_LABEL_KEY: &str = "io.kubernetes.pod.namespace";
@@ -51,9 +48,18 @@ fn identity_irrelevant(key: &str) -> bool {
     key.starts_with("annotation") || IRRELEVANT_KEY_PARTS.iter().any(|part| key.contains(part))
 }
 
+/// One live pod's IP and the identity its labels have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpFact {
+    /// The pod, as the snapshot names it.
+    pub pod: NamespacedName,
+    /// The ip→identity entry.
+    pub entry: IpIdentity,
+}
+
 /// What one pod contributes whatever the other pods are, kept from one translation to the
-/// next: with 100k pods, an edit then reads and encodes only the pods it replaced (sources
-/// share unchanged objects, so "unchanged" is "the same `Arc`").
+/// next: with 100k pods, an edit then reads only the pods it replaced (sources share
+/// unchanged objects, so "unchanged" is "the same `Arc`").
 #[derive(Debug)]
 pub(super) struct PodFacts {
     /// The pod these facts were read from.
@@ -70,9 +76,8 @@ pub(super) struct PodFacts {
     ips: Vec<IpAddr>,
     /// Warnings about its addresses, reported only when it has an identity.
     ip_warnings: Vec<String>,
-    /// The ip→identity entries of `ips`, encoded and checked, for the identity they were
-    /// encoded with.
-    encoded: Option<(NumericIdentity, Vec<Encoded>)>,
+    /// The facts of `ips`, for the identity they were made with.
+    ip_facts: Option<(NumericIdentity, Vec<Arc<IpFact>>)>,
 }
 
 impl PodFacts {
@@ -88,7 +93,7 @@ impl PodFacts {
             pod_name: None,
             ips: Vec::new(),
             ip_warnings: Vec::new(),
-            encoded: None,
+            ip_facts: None,
         };
         if host_network(pod) || finished(pod) {
             return facts;
@@ -112,16 +117,21 @@ impl PodFacts {
         facts
     }
 
-    /// Encodes the pod's ip→identity entries for `identity`, unless they already are.
-    fn encode_for(&mut self, identity: NumericIdentity, config: &TranslateConfig) {
-        if self.encoded.as_ref().is_none_or(|(id, _)| *id != identity) {
-            let entries = self
+    /// Makes the pod's ip facts for `identity`, unless they already are.
+    fn make_ip_facts(
+        &mut self,
+        key: &NamespacedName,
+        identity: NumericIdentity,
+        config: &TranslateConfig,
+    ) {
+        if self.ip_facts.as_ref().is_none_or(|(id, _)| *id != identity) {
+            let facts = self
                 .ips
                 .iter()
                 .map(|ip| {
-                    super::encode(
-                        config,
-                        Entry::Ip(IpIdentity {
+                    Arc::new(IpFact {
+                        pod: key.clone(),
+                        entry: IpIdentity {
                             schema: Default::default(),
                             ip: IpPrefix::host(*ip),
                             identity,
@@ -129,11 +139,11 @@ impl PodFacts {
                             namespace: self.namespace.clone(),
                             pod_name: self.pod_name.clone(),
                             cluster: config.cluster.name.clone(),
-                        }),
-                    )
+                        },
+                    })
                 })
                 .collect();
-            self.encoded = Some((identity, entries));
+            self.ip_facts = Some((identity, facts));
         }
     }
 }
@@ -143,73 +153,61 @@ pub(super) type PodCache = Vec<(NamespacedName, PodFacts)>;
 
 pub(super) fn translate(
     objects: &ClusterObjects,
+    config: &TranslateConfig,
     identities: &mut IdentityAllocator,
     cache: &mut PodCache,
-    out: &mut Out,
+    facts: &mut Facts,
 ) {
-    refresh(cache, objects, out.config);
+    refresh(cache, objects, config);
+    let warnings = &mut facts.pod_warnings;
     let mut in_use: BTreeSet<&LabelSet> = BTreeSet::new();
-    for (_, facts) in cache.iter() {
-        for warning in &facts.label_warnings {
-            out.warn(&facts.object, warning.clone());
+    for (_, pod) in cache.iter() {
+        for warning in &pod.label_warnings {
+            warnings.push(Warning::new(&pod.object, warning.clone()));
         }
-        in_use.extend(facts.labels.as_ref());
+        in_use.extend(pod.labels.as_ref());
     }
     let failed = allocate(identities, &in_use);
+    facts.identities = identities
+        .iter()
+        .map(|(id, labels)| Identity::new(id, labels.iter().cloned()))
+        .collect();
 
-    for (id, labels) in identities.iter() {
-        let identity = Identity::new(id, labels.iter().cloned());
-        out.emit(&identity_object(id), Entry::Identity(identity));
-    }
-
-    let mut owners: BTreeMap<IpAddr, &NamespacedName> = BTreeMap::new();
-    let mut ip_entries: Vec<(&String, &Vec<u8>)> = Vec::with_capacity(cache.len());
-    for (key, facts) in cache.iter_mut() {
-        let Some(labels) = facts.labels.as_ref() else {
+    let mut owners: BTreeMap<IpAddr, &Arc<IpFact>> = BTreeMap::new();
+    for (key, pod) in cache.iter_mut() {
+        let Some(labels) = pod.labels.as_ref() else {
             continue;
         };
         let Some(identity) = identities.get(labels) else {
             let reason = failed
                 .get(labels)
                 .map_or_else(|| "no identity".to_owned(), ToString::to_string);
-            out.warn(
-                &facts.object,
+            warnings.push(Warning::new(
+                &pod.object,
                 format!("not given an identity ({reason}); its IPs are not published"),
-            );
+            ));
             continue;
         };
-        facts.encode_for(identity, out.config);
-        let facts: &PodFacts = facts;
-        for warning in &facts.ip_warnings {
-            out.warn(&facts.object, warning.clone());
+        pod.make_ip_facts(key, identity, config);
+        let pod: &PodFacts = pod;
+        for warning in &pod.ip_warnings {
+            warnings.push(Warning::new(&pod.object, warning.clone()));
         }
-        let entries = facts.encoded.as_ref().map_or(&[][..], |(_, e)| e);
-        for (ip, entry) in facts.ips.iter().zip(entries) {
+        let ip_facts = pod.ip_facts.as_ref().map_or(&[][..], |(_, f)| f);
+        for (ip, fact) in pod.ips.iter().zip(ip_facts) {
             if let Some(owner) = owners.get(ip) {
-                let owner = object_name(ObjectKind::Pod, Some(&owner.namespace), &owner.name);
-                out.warn(
-                    &facts.object,
+                let owner =
+                    object_name(ObjectKind::Pod, Some(&owner.pod.namespace), &owner.pod.name);
+                warnings.push(Warning::new(
+                    &pod.object,
                     format!("IP {ip} is also {owner}'s; published for that pod only"),
-                );
+                ));
                 continue;
             }
-            owners.insert(*ip, key);
-            match entry {
-                Ok((_, key, bytes)) => ip_entries.push((key, bytes)),
-                Err(message) => out.warn(&facts.object, message.clone()),
-            }
+            owners.insert(*ip, fact);
         }
     }
-    // Each key names one address and `owners` gave every address to one pod, so the keys
-    // are distinct: the map is built in one sorted pass instead of 100k lookups.
-    ip_entries.sort_unstable_by_key(|(key, _)| *key);
-    out.published.entries.insert(
-        Kind::Ip,
-        ip_entries
-            .into_iter()
-            .map(|(key, bytes)| (key.clone(), bytes.clone()))
-            .collect(),
-    );
+    facts.ips = owners.into_values().cloned().collect();
 }
 
 /// Brings the cache to the snapshot's pods: both are sorted by key, so one merge walk keeps
@@ -333,10 +331,10 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
-    use super::super::testutil::{cluster, config, objects, translate_all, values};
-    use super::super::{Published, TranslateConfig, translate};
+    use super::super::testutil::{config, objects, translate_all};
+    use super::super::{Facts, TranslateConfig, translate};
     use crate::identity::IdentityAllocator;
-    use model::{Identity, IpIdentity, Kind, NumericIdentity, StoreValue};
+    use model::{Identity, IpIdentity, NumericIdentity};
 
     fn pod(ns: &str, name: &str, labels: Value, ip: Option<&str>, phase: &str) -> Value {
         let mut status = json!({"phase": phase, "hostIP": "192.0.2.10"});
@@ -391,9 +389,10 @@ mod tests {
                 "Running",
             ),
         ];
-        let published = translate_all(&objects(docs), &config());
-        assert!(published.warnings.is_empty(), "{:?}", published.warnings);
-        let identities: Vec<Identity> = values(&published, Kind::Identities);
+        let facts = translate_all(&objects(docs), &config());
+        let warnings: Vec<_> = facts.warnings().collect();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let identities = &facts.identities;
         let labels: BTreeSet<Vec<String>> = identities.iter().map(labels_of).collect();
         let expected = |app: &str| {
             vec![
@@ -403,7 +402,7 @@ mod tests {
             ]
         };
         assert_eq!(labels, BTreeSet::from([expected("db"), expected("web")]));
-        let ips: Vec<IpIdentity> = values(&published, Kind::Ip);
+        let ips = ip_entries(&facts);
         assert_eq!(ips.len(), 4);
         assert_eq!(ips[0].identity, ips[1].identity);
         assert_eq!(ips[2].identity, ips[3].identity);
@@ -476,8 +475,8 @@ mod tests {
             ),
             host,
         ];
-        let published = translate_all(&objects(docs), &config());
-        let identities: Vec<Identity> = values(&published, Kind::Identities);
+        let facts = translate_all(&objects(docs), &config());
+        let identities = &facts.identities;
         let sets: BTreeSet<Vec<String>> = identities.iter().map(labels_of).collect();
         let set = |ns: &str, app: &str| {
             vec![
@@ -499,15 +498,20 @@ mod tests {
                 (labels_of(i), i.id)
             })
             .collect();
-        for (key, bytes) in published.kind(Kind::Identities) {
-            let identity = Identity::decode(bytes).unwrap();
-            assert_eq!(
-                *key,
-                format!("cilium/state/identities/v1/id/{}", identity.id)
-            );
-        }
+        assert!(
+            identities.windows(2).all(|w| w[0].id < w[1].id),
+            "in identity order"
+        );
 
-        let ips: Vec<IpIdentity> = values(&published, Kind::Ip);
+        let ips = ip_entries(&facts);
+        assert!(
+            ips.windows(2).all(|w| w[0].ip < w[1].ip),
+            "in address order"
+        );
+        for fact in &facts.ips {
+            let pod = fact.entry.pod_name.as_ref().unwrap();
+            assert_eq!(fact.pod.name, pod.as_str(), "the fact names its pod");
+        }
         let by_ip: BTreeMap<String, &IpIdentity> =
             ips.iter().map(|e| (e.ip.to_string(), e)).collect();
         assert_eq!(
@@ -539,13 +543,12 @@ mod tests {
                 "host_ip": "192.0.2.10", "namespace": "shop", "pod_name": "db-1",
                 "cluster": "eu-1"})
         );
-        assert!(
-            published
-                .kind(Kind::Ip)
-                .contains_key("cilium/state/ip/v1/default/fd00:2:1::19")
+        assert_eq!(
+            by_ip["fd00:2:1::19"].key().to_string(),
+            "cilium/state/ip/v1/default/fd00:2:1::19"
         );
 
-        let text: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
+        let text: Vec<String> = facts.warnings().map(ToString::to_string).collect();
         let expect = [
             "Pod shop/sneaky: label io.cilium.k8s.policy.cluster is set by the mesh",
             "Pod shop/sneaky: label io.kubernetes.pod.namespace is set by the mesh",
@@ -577,8 +580,8 @@ mod tests {
             ),
             bad_ip,
         ];
-        let published = translate_all(&objects(docs), &config());
-        let text: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
+        let facts = translate_all(&objects(docs), &config());
+        let text: Vec<String> = facts.warnings().map(ToString::to_string).collect();
         assert_eq!(text.len(), 3, "{text:#?}");
         assert!(
             text[0].starts_with("Pod shop/a: not given an identity: label"),
@@ -592,8 +595,8 @@ mod tests {
             text[2].starts_with("Pod shop/b: pod IP \"10.2.1.500\""),
             "{text:#?}"
         );
-        assert_eq!(published.kind(Kind::Identities).len(), 1, "only shop/b's");
-        assert!(published.kind(Kind::Ip).is_empty());
+        assert_eq!(facts.identities.len(), 1, "only shop/b's");
+        assert!(facts.ips.is_empty());
     }
 
     #[test]
@@ -611,17 +614,17 @@ mod tests {
                 )
             })
             .collect();
-        let published = translate(&objects(docs), &cfg, &mut allocator);
-        assert_eq!(published.kind(Kind::Identities).len(), 2);
+        let facts = translate(&objects(docs), &cfg, &mut allocator);
+        assert_eq!(facts.identities.len(), 2);
         // Label sets go in sorted order: a0 and a1 get the two identities, a2 (p2) none.
-        let text: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
+        let text: Vec<String> = facts.warnings().map(ToString::to_string).collect();
         assert_eq!(text.len(), 1, "{text:#?}");
         assert!(
             text[0].starts_with("Pod shop/p2: not given an identity (identity range"),
             "{text:#?}"
         );
         assert!(text[0].contains("is exhausted"), "{text:#?}");
-        assert_eq!(published.kind(Kind::Ip).len(), 3);
+        assert_eq!(facts.ips.len(), 3);
 
         // Once a0's pods are gone, a2 gets the freed identity in the same pass.
         let docs: Vec<Value> = [1, 2]
@@ -636,10 +639,10 @@ mod tests {
                 )
             })
             .collect();
-        let published = translate(&objects(docs), &cfg, &mut allocator);
-        assert!(published.warnings.is_empty(), "{:?}", published.warnings);
-        assert_eq!(published.kind(Kind::Identities).len(), 2);
-        assert_eq!(published.kind(Kind::Ip).len(), 2);
+        let facts = translate(&objects(docs), &cfg, &mut allocator);
+        assert_eq!(facts.warnings().count(), 0);
+        assert_eq!(facts.identities.len(), 2);
+        assert_eq!(facts.ips.len(), 2);
     }
 
     #[test]
@@ -677,50 +680,12 @@ mod tests {
             &cfg,
             &mut allocator,
         );
-        assert_eq!(first.kind(Kind::Identities).len(), 2);
-        assert_eq!(second.kind(Kind::Identities).len(), 1);
+        assert_eq!(first.identities.len(), 2);
+        assert_eq!(second.identities.len(), 1);
         assert_eq!(allocator.len(), 1);
-        let kept = second.kind(Kind::Identities).iter().next().unwrap();
-        assert_eq!(
-            first.kind(Kind::Identities).get(kept.0),
-            Some(kept.1),
-            "same bytes"
-        );
-    }
-
-    /// A value a peer would refuse is warned about and left out: here the allocator belongs
-    /// to another cluster, so its identities lie outside this cluster's range.
-    #[test]
-    fn validation_failures_become_warnings() {
-        let cfg = config();
-        let mut foreign = IdentityAllocator::new(&cluster("us-1", 3)).unwrap();
-        let docs = vec![pod(
-            "shop",
-            "a",
-            json!({"app": "a"}),
-            Some("10.2.1.1"),
-            "Running",
-        )];
-        let published = translate(&objects(docs), &cfg, &mut foreign);
-        assert!(published.kind(Kind::Identities).is_empty());
-        assert!(published.kind(Kind::Ip).is_empty());
-        let text: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
-        assert_eq!(text.len(), 2, "{text:#?}");
-        let foreign_range = cluster("us-1", 3).identity_range().unwrap();
-        let id: u32 = text[0]["Identity ".len()..text[0].find(':').unwrap()]
-            .parse()
-            .unwrap();
         assert!(
-            foreign_range.contains(NumericIdentity::new(id).unwrap()),
-            "{text:#?}"
-        );
-        assert!(
-            text[0].contains("not published") && text[0].contains("outside"),
-            "{text:#?}"
-        );
-        assert!(
-            text[1].starts_with("Pod shop/a: not published"),
-            "{text:#?}"
+            first.identities.contains(&second.identities[0]),
+            "kept as it was"
         );
     }
 
@@ -750,27 +715,24 @@ mod tests {
         objects(docs)
     }
 
-    fn ids(published: &Published) -> BTreeMap<Vec<String>, NumericIdentity> {
-        published
-            .kind(Kind::Identities)
-            .values()
-            .map(|b| {
-                let identity = Identity::decode(b).unwrap();
-                (labels_of(&identity), identity.id)
-            })
+    fn ids(facts: &Facts) -> BTreeMap<Vec<String>, NumericIdentity> {
+        facts
+            .identities
+            .iter()
+            .map(|identity| (labels_of(identity), identity.id))
             .collect()
     }
 
-    fn restart(
-        cfg: &TranslateConfig,
-        previous: &Published,
-        slots: Option<u32>,
-    ) -> IdentityAllocator {
+    fn ip_entries(facts: &Facts) -> Vec<IpIdentity> {
+        facts.ips.iter().map(|fact| fact.entry.clone()).collect()
+    }
+
+    fn restart(cfg: &TranslateConfig, previous: &Facts, slots: Option<u32>) -> IdentityAllocator {
         let mut allocator = match slots {
             Some(slots) => IdentityAllocator::with_slots(&cfg.cluster, slots),
             None => IdentityAllocator::new(&cfg.cluster).unwrap(),
         };
-        let warnings = allocator.seed_from_store(previous.kind(Kind::Identities));
+        let warnings = allocator.seed(previous.identities.clone());
         assert!(warnings.is_empty(), "{warnings:?}");
         allocator
     }
@@ -866,13 +828,13 @@ mod tests {
             let cfg = config();
             let slots = crowded.then_some(30);
             let range = cfg.cluster.identity_range().unwrap();
-            let mut previous = Published::default();
+            let mut previous = Facts::default();
             let mut before = BTreeMap::new();
             for pods in &steps {
                 let mut allocator = restart(&cfg, &previous, slots);
-                let published = translate(&pods_objects(pods), &cfg, &mut allocator);
-                prop_assert!(published.warnings.is_empty(), "{:?}", published.warnings);
-                let now = ids(&published);
+                let facts = translate(&pods_objects(pods), &cfg, &mut allocator);
+                prop_assert_eq!(facts.warnings().count(), 0);
+                let now = ids(&facts);
                 for (labels, id) in &now {
                     prop_assert!(range.contains(*id));
                     if let Some(old) = before.get(labels) {
@@ -882,7 +844,7 @@ mod tests {
                 let distinct: BTreeSet<_> = now.values().collect();
                 prop_assert_eq!(distinct.len(), now.len());
                 before = now;
-                previous = published;
+                previous = facts;
             }
         }
 
@@ -895,12 +857,9 @@ mod tests {
             let one = translate_all(&pods_objects(&pods), &cfg);
             let first_ids = ids(&one);
             let homes: BTreeSet<_> = one
-                .kind(Kind::Identities)
-                .values()
-                .map(|b| {
-                    let identity = Identity::decode(b).unwrap();
-                    probe.home(&identity.labels.into_iter().collect())
-                })
+                .identities
+                .iter()
+                .map(|identity| probe.home(&identity.labels.iter().cloned().collect()))
                 .collect();
             prop_assume!(homes.len() == first_ids.len());
             // The same pods in another order (and other names) — allocation order changes.

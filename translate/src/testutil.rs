@@ -3,13 +3,10 @@
 use std::sync::Arc;
 
 use cluster_source::{AnyObject, ClusterObjects};
-use model::keys::Kind;
-use model::{
-    Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters, StoreValue,
-};
+use model::{Capabilities, ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
 use serde_json::Value;
 
-use super::{Published, TranslateConfig, translate};
+use super::{Facts, TranslateConfig, translate};
 use crate::identity::IdentityAllocator;
 
 pub(crate) fn cluster(name: &str, id: u16) -> ClusterConfig {
@@ -51,16 +48,7 @@ pub(crate) fn objects(docs: Vec<Value>) -> ClusterObjects {
 }
 
 /// Translates with a fresh allocator.
-pub(crate) fn translate_all(objects: &ClusterObjects, config: &TranslateConfig) -> Published {
+pub(crate) fn translate_all(objects: &ClusterObjects, config: &TranslateConfig) -> Facts {
     let mut allocator = IdentityAllocator::new(&config.cluster).unwrap();
     translate(objects, config, &mut allocator)
-}
-
-/// The published values of `kind`, decoded, in key order.
-pub(crate) fn values<V: StoreValue>(published: &Published, kind: Kind) -> Vec<V> {
-    published
-        .kind(kind)
-        .values()
-        .map(|bytes| V::decode(bytes).unwrap())
-        .collect()
 }

@@ -17,8 +17,7 @@ use std::collections::btree_map;
 use std::fmt;
 use std::net::IpAddr;
 
-use cluster_source::L4Protocol;
-use model::{ClusterName, DnsLabel, DnsSubdomain, IpPrefix, NumericIdentity, Protocol};
+use model::{ClusterName, DnsLabel, DnsSubdomain, IpPrefix, L4Protocol, NumericIdentity, Protocol};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -298,6 +297,40 @@ impl Keyed for ServiceEntry {
     type Key = Frontend;
     fn key(&self) -> Frontend {
         self.frontend
+    }
+}
+
+// What the agent keeps of each cluster's published entries is tables too, keyed as the
+// store keys them (the cluster aside).
+
+impl Keyed for model::Node {
+    type Key = DnsSubdomain;
+    fn key(&self) -> DnsSubdomain {
+        self.name.clone()
+    }
+}
+
+impl Keyed for model::ClusterService {
+    type Key = ServiceName;
+    fn key(&self) -> ServiceName {
+        ServiceName {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+impl Keyed for model::Identity {
+    type Key = NumericIdentity;
+    fn key(&self) -> NumericIdentity {
+        self.id
+    }
+}
+
+impl Keyed for model::IpIdentity {
+    type Key = IpPrefix;
+    fn key(&self) -> IpPrefix {
+        self.ip
     }
 }
 
@@ -622,22 +655,27 @@ fn diff_table<E: Keyed + Clone + PartialEq>(
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Generators of small tables with overlapping keys, for property tests here and in the
+/// crates that program them.
+#[cfg(any(test, feature = "proptest"))]
+pub mod strategies {
     use super::*;
     use proptest::collection::{btree_map, vec};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
 
-    pub(crate) fn cluster(i: u8) -> ClusterName {
+    /// Cluster `c<i>`.
+    pub fn cluster(i: u8) -> ClusterName {
         ClusterName::new(format!("c{i}")).unwrap()
     }
 
-    fn identity(v: u32) -> NumericIdentity {
+    /// Identity `v`; panics unless it is a valid identity.
+    pub fn identity(v: u32) -> NumericIdentity {
         NumericIdentity::new(v).unwrap()
     }
 
-    fn ip(v: u8) -> IpAddr {
+    /// `10.0.0.<v>`.
+    pub fn ip(v: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, v))
     }
 
@@ -719,7 +757,8 @@ pub(crate) mod tests {
         })
     }
 
-    pub(crate) fn tables() -> impl Strategy<Value = Tables> {
+    /// Every table, a few entries each.
+    pub fn tables() -> impl Strategy<Value = Tables> {
         (
             vec(service_entry(), 0..6),
             vec(ipcache_entry(), 0..8),
@@ -745,6 +784,13 @@ pub(crate) mod tests {
                 routes: r.into_iter().collect(),
             })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strategies::*;
+    use super::*;
+    use proptest::prelude::*;
 
     proptest! {
         /// Applying the diff to actual yields desired.

@@ -5,43 +5,48 @@ use std::net::IpAddr;
 
 use cluster_source::{ClusterObjects, ObjectKind};
 use k8s_openapi::api::core::v1::Node as KubeNode;
-use model::{AddressKind, DnsSubdomain, Entry, IpPrefix, Node, NodeAddress};
+use model::{AddressKind, DnsSubdomain, IpPrefix, Node, NodeAddress};
 
-use super::{Out, object_name};
+use super::{Facts, TranslateConfig, Warning, object_name};
 
-pub(super) fn translate(objects: &ClusterObjects, out: &mut Out) {
+pub(super) fn translate(objects: &ClusterObjects, config: &TranslateConfig, facts: &mut Facts) {
     for (name, node) in &objects.nodes {
         let object = object_name(ObjectKind::Node, None, name);
-        if let Some(value) = node_value(name, node, &object, out) {
-            out.emit(&object, Entry::Node(value));
+        let mut warn = |message: String| facts.node_warnings.push(Warning::new(&object, message));
+        if let Some(value) = node_value(name, node, config, &mut warn) {
+            facts.nodes.push(value);
         }
     }
 }
 
-fn node_value(name: &str, node: &KubeNode, object: &str, out: &mut Out) -> Option<Node> {
+fn node_value(
+    name: &str,
+    node: &KubeNode,
+    config: &TranslateConfig,
+    warn: &mut impl FnMut(String),
+) -> Option<Node> {
     let name = match DnsSubdomain::new(name) {
         Ok(name) => name,
         Err(error) => {
-            out.warn(object, format!("not published: {error}"));
+            warn(format!("not published: {error}"));
             return None;
         }
     };
-    let cluster = &out.config.cluster;
-    let (name_cluster, id) = (cluster.name.clone(), cluster.id);
+    let cluster = &config.cluster;
     Some(Node {
         schema: Default::default(),
         name,
-        cluster: name_cluster,
-        cluster_id: id,
-        addresses: addresses(node, object, out),
-        pod_cidrs: pod_cidrs(node, object, out),
+        cluster: cluster.name.clone(),
+        cluster_id: cluster.id,
+        addresses: addresses(node, warn),
+        pod_cidrs: pod_cidrs(node, warn),
         labels: node.metadata.labels.clone().unwrap_or_default(),
     })
 }
 
 /// InternalIP addresses first, then ExternalIP ones, each in status order, so the first
 /// address is the one to tunnel to; an address listed twice is kept once (first kind wins).
-fn addresses(node: &KubeNode, object: &str, out: &mut Out) -> Vec<NodeAddress> {
+fn addresses(node: &KubeNode, warn: &mut impl FnMut(String)) -> Vec<NodeAddress> {
     let listed = node
         .status
         .as_ref()
@@ -57,13 +62,10 @@ fn addresses(node: &KubeNode, object: &str, out: &mut Out) -> Vec<NodeAddress> {
             match address.address.parse::<IpAddr>() {
                 Ok(ip) if seen.insert(ip) => addresses.push(NodeAddress { kind, ip }),
                 Ok(_) => {}
-                Err(_) => out.warn(
-                    object,
-                    format!(
-                        "{type_} address {:?} is not an IP address; left out",
-                        address.address
-                    ),
-                ),
+                Err(_) => warn(format!(
+                    "{type_} address {:?} is not an IP address; left out",
+                    address.address
+                )),
             }
         }
     }
@@ -71,7 +73,7 @@ fn addresses(node: &KubeNode, object: &str, out: &mut Out) -> Vec<NodeAddress> {
 }
 
 /// `spec.podCIDRs`, or the older single `spec.podCIDR` when the list is empty.
-fn pod_cidrs(node: &KubeNode, object: &str, out: &mut Out) -> Vec<IpPrefix> {
+fn pod_cidrs(node: &KubeNode, warn: &mut impl FnMut(String)) -> Vec<IpPrefix> {
     let Some(spec) = node.spec.as_ref() else {
         return Vec::new();
     };
@@ -84,7 +86,7 @@ fn pod_cidrs(node: &KubeNode, object: &str, out: &mut Out) -> Vec<IpPrefix> {
         match text.parse::<IpPrefix>() {
             Ok(cidr) if !cidrs.contains(&cidr) => cidrs.push(cidr),
             Ok(_) => {}
-            Err(error) => out.warn(object, format!("pod CIDR left out: {error}")),
+            Err(error) => warn(format!("pod CIDR left out: {error}")),
         }
     }
     cidrs
@@ -94,8 +96,7 @@ fn pod_cidrs(node: &KubeNode, object: &str, out: &mut Out) -> Vec<IpPrefix> {
 mod tests {
     use serde_json::json;
 
-    use super::super::testutil::{config, objects, translate_all, values};
-    use model::Node;
+    use super::super::testutil::{config, objects, translate_all};
 
     #[test]
     fn nodes() {
@@ -117,8 +118,8 @@ mod tests {
                 "spec": {"podCIDRs": ["10.2.3.1/24"], "podCIDR": "10.9.9.0/24"}}),
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "Bad_Name"}}),
         ]);
-        let published = translate_all(&objs, &config());
-        let nodes: Vec<Node> = values(&published, model::Kind::Nodes);
+        let facts = translate_all(&objs, &config());
+        let nodes = &facts.nodes;
         assert_eq!(nodes.len(), 3);
         let a = &nodes[0];
         let json = serde_json::to_value(a).unwrap();
@@ -133,18 +134,14 @@ mod tests {
                 "pod_cidrs": ["10.2.1.0/24", "fd00:2:1::/64"],
                 "labels": {"topology.kubernetes.io/zone": "eu-1a"}})
         );
-        assert!(
-            published
-                .kind(model::Kind::Nodes)
-                .contains_key("cilium/state/nodes/v1/eu-1/node-a")
-        );
+        assert_eq!(a.key().to_string(), "cilium/state/nodes/v1/eu-1/node-a");
         assert_eq!(nodes[1].pod_cidrs[0].to_string(), "10.2.2.0/24");
         assert!(nodes[1].addresses.is_empty());
         assert!(
             nodes[2].pod_cidrs.is_empty(),
             "host bits refused, podCIDR not used"
         );
-        let warnings: Vec<String> = published.warnings.iter().map(ToString::to_string).collect();
+        let warnings: Vec<String> = facts.warnings().map(ToString::to_string).collect();
         assert_eq!(warnings.len(), 3, "{warnings:#?}");
         assert!(
             warnings[0].starts_with("Node Bad_Name: not published: invalid name"),

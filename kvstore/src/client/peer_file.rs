@@ -1,63 +1,28 @@
-//! Peer files: one file per peer cluster in the peers directory, named after the peer, in the
-//! etcd client-config YAML Cilium users know:
-//!
-//! ```yaml
-//! endpoints:
-//! - https://clustermesh-apiserver.eu-2.example:2379
-//! trusted-ca-file: /var/lib/kvstoremesh/eu-2/ca.crt
-//! cert-file: /var/lib/kvstoremesh/eu-2/tls.crt
-//! key-file: /var/lib/kvstoremesh/eu-2/tls.key
-//! ```
-//!
-//! TLS keys may be absent for plain `http://` endpoints. Relative paths are relative to the
-//! peers directory. Unknown keys are reported (a typo must not silently drop TLS) but do not
-//! make the file unusable.
+//! A peer's store as its peer file ([`model::peerfile`]) describes it: the content parsed,
+//! the TLS files it names found, and a validated [`ClientConfig`] built from it. Every error
+//! names the peer file.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kvstore::client::{ClientConfig, ConfigError, Limits, TlsFiles};
-use model::ClusterName;
-use serde::Deserialize;
+use model::{ClusterName, PeerFile};
+
+use super::{ClientConfig, ConfigError, Limits, TlsFiles};
+
+/// Keys per page when listing a peer's store: a peer publishes a whole cluster, so pages are
+/// larger than the client's default.
+pub const PEER_LIST_PAGE_SIZE: u32 = 5000;
 
 /// A peer file that cannot be used; each variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerFileError {
-    /// The file is not YAML of the expected shape.
-    #[error("peer file {path}: not a valid etcd client config: {source}")]
-    Yaml {
+    /// The content is not a usable peer file.
+    #[error("peer file {path}: {source}")]
+    Format {
         /// The file.
         path: PathBuf,
-        /// The parser's complaint, with its position.
-        source: serde_yaml_ng::Error,
-    },
-    /// No `endpoints:` (or an empty list).
-    #[error("peer file {path}: endpoints: at least one endpoint URL is required")]
-    NoEndpoints {
-        /// The file.
-        path: PathBuf,
-    },
-    /// `cert-file` without `key-file`, or the other way round.
-    #[error(
-        "peer file {path}: {present} is set but {missing} is not; a client certificate needs both"
-    )]
-    IncompleteIdentity {
-        /// The file.
-        path: PathBuf,
-        /// The key that is set.
-        present: &'static str,
-        /// The key that is missing.
-        missing: &'static str,
-    },
-    /// A client certificate without `trusted-ca-file`: the server could not be verified.
-    #[error(
-        "peer file {path}: cert-file and key-file need trusted-ca-file (the CA that signs the \
-         peer's server certificate)"
-    )]
-    MissingCa {
-        /// The file.
-        path: PathBuf,
+        /// What the format refuses.
+        source: model::PeerFileError,
     },
     /// A file named by `trusted-ca-file`, `cert-file` or `key-file` cannot be read.
     #[error("peer file {path}: {field} {file}: {source}")]
@@ -94,20 +59,9 @@ pub struct PeerConfig {
     pub unknown_keys: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-struct RawPeerFile {
-    #[serde(default)]
-    endpoints: Vec<String>,
-    trusted_ca_file: Option<PathBuf>,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-    #[serde(flatten)]
-    other: BTreeMap<String, serde_yaml_ng::Value>,
-}
-
 /// Reads the peer file at `path` (`bytes` is its content) for peer `name`. Relative TLS
-/// paths are resolved against `dir`. The client gets `request_timeout` for each request.
+/// paths are resolved against `dir`. The client gets `request_timeout` for each request and
+/// lists [`PEER_LIST_PAGE_SIZE`] keys per page.
 pub fn parse_peer_file(
     name: &ClusterName,
     path: &Path,
@@ -115,84 +69,51 @@ pub fn parse_peer_file(
     dir: &Path,
     request_timeout: Duration,
 ) -> Result<PeerConfig, PeerFileError> {
-    let path_buf = || path.to_path_buf();
-    let raw: RawPeerFile = if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(PeerFileError::NoEndpoints { path: path_buf() });
-    } else {
-        serde_yaml_ng::from_slice(bytes).map_err(|source| PeerFileError::Yaml {
-            path: path_buf(),
+    let file = PeerFile::parse(bytes)
+        .map_err(|source| PeerFileError::Format {
+            path: path.to_path_buf(),
             source,
         })?
-    };
-    let endpoints: Vec<String> = raw
-        .endpoints
-        .iter()
-        .map(|e| e.trim().to_owned())
-        .filter(|e| !e.is_empty())
-        .collect();
-    if endpoints.is_empty() {
-        return Err(PeerFileError::NoEndpoints { path: path_buf() });
-    }
-    let resolve = |p: PathBuf| if p.is_relative() { dir.join(p) } else { p };
-    let ca = raw.trusted_ca_file.map(resolve);
-    let cert = raw.cert_file.map(resolve);
-    let key = raw.key_file.map(resolve);
-    match (&cert, &key) {
-        (Some(_), None) => {
-            return Err(PeerFileError::IncompleteIdentity {
-                path: path_buf(),
-                present: "cert-file",
-                missing: "key-file",
-            });
-        }
-        (None, Some(_)) => {
-            return Err(PeerFileError::IncompleteIdentity {
-                path: path_buf(),
-                present: "key-file",
-                missing: "cert-file",
-            });
-        }
-        _ => {}
-    }
+        .resolve(dir);
     for (field, file) in [
-        ("trusted-ca-file", &ca),
-        ("cert-file", &cert),
-        ("key-file", &key),
+        ("trusted-ca-file", &file.trusted_ca_file),
+        ("cert-file", &file.cert_file),
+        ("key-file", &file.key_file),
     ] {
         if let Some(file) = file
             && let Err(source) = std::fs::metadata(file)
         {
             return Err(PeerFileError::Unreadable {
-                path: path_buf(),
+                path: path.to_path_buf(),
                 field,
                 file: file.clone(),
                 source,
             });
         }
     }
-    let tls = match ca {
-        Some(ca) => Some(TlsFiles { ca, cert, key }),
-        None if cert.is_some() => return Err(PeerFileError::MissingCa { path: path_buf() }),
-        None => None,
-    };
+    let tls = file.trusted_ca_file.map(|ca| TlsFiles {
+        ca,
+        cert: file.cert_file,
+        key: file.key_file,
+    });
     let client = ClientConfig {
-        endpoints,
+        endpoints: file.endpoints,
         tls,
         request_timeout,
         limits: Limits {
-            list_page_size: crate::LIST_PAGE_SIZE,
+            list_page_size: PEER_LIST_PAGE_SIZE,
             ..Limits::default()
         },
         ..ClientConfig::default()
     };
     client.validate().map_err(|source| PeerFileError::Client {
-        path: path_buf(),
+        path: path.to_path_buf(),
         source,
     })?;
     Ok(PeerConfig {
         name: name.clone(),
         client,
-        unknown_keys: raw.other.into_keys().collect(),
+        unknown_keys: file.unknown_keys,
     })
 }
 
@@ -227,6 +148,7 @@ mod tests {
         );
         assert!(peer.client.tls.is_none());
         assert_eq!(peer.client.request_timeout, Duration::from_secs(5));
+        assert_eq!(peer.client.limits.list_page_size, PEER_LIST_PAGE_SIZE);
         assert_eq!(peer.unknown_keys, vec!["foo"]);
     }
 
@@ -259,6 +181,11 @@ mod tests {
             ),
             (
                 "endpoints: [\"http://a:1\"]\ncert-file: c.crt\nkey-file: c.key\n",
+                "cert-file",
+            ),
+            (
+                "endpoints: [\"https://a:1\"]\ntrusted-ca-file: ca.crt\ncert-file: c.crt\n\
+                 key-file: c.key\n",
                 "cert-file",
             ),
             (
