@@ -112,9 +112,9 @@ pub fn publish_cached(
     let mut refused = Vec::new();
     published.warnings.extend(node_warnings);
     for node in &nodes {
-        let object = object_name(ObjectKind::Node, None, node.name.as_str());
         let encoded = encode(cluster, Kind::Nodes, node.key(), node.encode());
-        insert(&mut published, Kind::Nodes, &object, encoded, &mut refused);
+        let object = || object_name(ObjectKind::Node, None, node.name.as_str());
+        insert(&mut published, Kind::Nodes, object, encoded, &mut refused);
     }
     published.warnings.extend(service_warnings);
     let mut old = std::mem::take(&mut cache.services);
@@ -135,11 +135,11 @@ pub fn publish_cached(
             Some((cached, encoded)) if Arc::ptr_eq(&cached, fact) => encoded,
             _ => encode_service(cluster, fact, value),
         };
-        let object = object_name(ObjectKind::Service, Some(&key.namespace), &key.name);
+        let object = || object_name(ObjectKind::Service, Some(&key.namespace), &key.name);
         insert(
             &mut published,
             Kind::Services,
-            &object,
+            object,
             encoded.clone(),
             &mut refused,
         );
@@ -149,12 +149,12 @@ pub fn publish_cached(
     }
     published.warnings.extend(pod_warnings);
     for identity in &identities {
-        let object = identity_object(identity.id);
         let encoded = encode(cluster, Kind::Identities, identity.key(), identity.encode());
+        let object = || identity_object(identity.id);
         insert(
             &mut published,
             Kind::Identities,
-            &object,
+            object,
             encoded,
             &mut refused,
         );
@@ -165,7 +165,7 @@ pub fn publish_cached(
     published
 }
 
-/// Encodes `bytes`, the value under `key`, and checks it with [`validate_entry`] against this
+/// Checks `bytes`, the encoding of the value under `key`, with [`validate_entry`] against this
 /// cluster's own config.
 fn encode(cluster: &ClusterConfig, kind: Kind, key: StateKey, bytes: Vec<u8>) -> Encoded {
     let key = key.to_string();
@@ -189,11 +189,11 @@ fn encode_service(cluster: &ClusterConfig, fact: &ServiceFact, value: &ClusterSe
     encode(cluster, Kind::Services, value.key(), bytes)
 }
 
-/// Adds an encoded entry, or notes why it is not published.
+/// Adds an encoded entry, or notes why the `object` it came from is not published.
 fn insert(
     published: &mut Published,
     kind: Kind,
-    object: &str,
+    object: impl FnOnce() -> String,
     encoded: Encoded,
     refused: &mut Vec<Warning>,
 ) {
@@ -205,7 +205,7 @@ fn insert(
                 .or_default()
                 .insert(key, bytes);
         }
-        Err(message) => refused.push(Warning::new(object, message)),
+        Err(message) => refused.push(Warning::new(object(), message)),
     }
 }
 
