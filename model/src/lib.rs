@@ -19,6 +19,7 @@
 pub mod annotations;
 pub mod cluster;
 pub mod config;
+pub mod context;
 pub mod endpoint;
 pub mod entry;
 pub mod errors;
@@ -42,6 +43,7 @@ mod testutil;
 pub use annotations::{Affinity, AnnotationWarning, ServiceMeshOptions, parse_service_annotations};
 pub use cluster::{ClusterId, IdError, MaxConnectedClusters};
 pub use config::{Capabilities, ClusterConfig, PeerError};
+pub use context::{AgentContext, ClusterContext, ContextError};
 pub use entry::{Entry, EntryError, validate_cluster_config, validate_entry, validate_key};
 pub use errors::error_chain;
 pub use identity::{Identity, IdentityError, IdentityRange, NumericIdentity, cluster_of};

@@ -71,7 +71,7 @@ pub struct PeerFile {
 /// The YAML as written; unknown keys are collected rather than refused.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-struct RawPeerFile {
+pub(crate) struct RawPeerFile {
     #[serde(default)]
     endpoints: Vec<String>,
     trusted_ca_file: Option<PathBuf>,
@@ -84,7 +84,7 @@ struct RawPeerFile {
 /// What [`PeerFile::to_yaml`] writes: the known keys only.
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
-struct PeerFileOut<'a> {
+pub(crate) struct PeerFileOut<'a> {
     endpoints: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     trusted_ca_file: Option<Cow<'a, str>>,
@@ -105,6 +105,11 @@ impl PeerFile {
         }
         let raw: RawPeerFile =
             serde_yaml_ng::from_slice(bytes).map_err(|source| PeerFileError::Yaml { source })?;
+        PeerFile::from_raw(raw)
+    }
+
+    /// Checks what the YAML held (also for a peer file nested in a cluster context).
+    pub(crate) fn from_raw(raw: RawPeerFile) -> Result<PeerFile, PeerFileError> {
         let endpoints: Vec<String> = raw
             .endpoints
             .iter()
@@ -155,19 +160,23 @@ impl PeerFile {
     /// The file's YAML, known keys only (unknown keys are not carried over); what
     /// [`PeerFile::parse`] reads back.
     pub fn to_yaml(&self) -> String {
+        // Strings only: serializing cannot fail.
+        serde_yaml_ng::to_string(&self.out()).expect("peer files always serialize")
+    }
+
+    /// The known keys, as written.
+    pub(crate) fn out(&self) -> PeerFileOut<'_> {
         // YAML is text: a path that is not UTF-8 (never one read by `parse`) is written
         // lossily rather than refused.
         fn text(path: &Option<PathBuf>) -> Option<Cow<'_, str>> {
             path.as_deref().map(Path::to_string_lossy)
         }
-        let out = PeerFileOut {
+        PeerFileOut {
             endpoints: &self.endpoints,
             trusted_ca_file: text(&self.trusted_ca_file),
             cert_file: text(&self.cert_file),
             key_file: text(&self.key_file),
-        };
-        // Strings only: serializing cannot fail.
-        serde_yaml_ng::to_string(&out).expect("peer files always serialize")
+        }
     }
 }
 
