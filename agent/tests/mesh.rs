@@ -337,3 +337,57 @@ async fn a_peer_with_the_local_cluster_id_is_refused() {
     );
     assert!(view.ipcache.iter().all(|e| e.cluster.as_str() == "a"));
 }
+
+/// Two peer files whose clusters claim one id: one is followed, the other refused with the
+/// clash named (direct reads used to follow both); when the first goes, the second is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_peers_with_one_cluster_id_are_not_both_used() {
+    let work = tempfile::tempdir().unwrap();
+    let local = common::cluster_config("a", 1);
+    let local_dir = work.path().join("a");
+    std::fs::create_dir_all(&local_dir).unwrap();
+    let web = [Svc::new("shop", "web").global().ready(&[1])];
+    write_manifests(&local_dir, &manifests("a", 1, &web));
+    let b = Peer::start("b", 2, &web).await;
+    let c = Peer::start("c", 2, &web).await;
+    let peers = peers_dir(work.path(), &[&b, &c]);
+    let agent = Agent::start(
+        &local,
+        &local_dir,
+        work.path(),
+        &["--peers-dir".into(), peers.to_str().unwrap().into()],
+    )
+    .await;
+    let refused = |v: &common::View, peer: &str| {
+        v.status
+            .peers
+            .get(peer)
+            .is_some_and(|p| p.phase == agent::remote::Phase::Refused)
+    };
+    let view = agent
+        .wait_for("one of b and c synced, the other refused", |v| {
+            (v.peer_synced("b") && refused(v, "c")) || (v.peer_synced("c") && refused(v, "b"))
+        })
+        .await;
+    let (kept, clashing) = if view.peer_synced("b") {
+        ("b", "c")
+    } else {
+        ("c", "b")
+    };
+    let error = view.status.peers[clashing]
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        error.contains(&format!("which peer {kept} already uses")),
+        "the refusal names the clash: {error}"
+    );
+    assert_eq!(view.clusters("shop/web"), set(&["a", kept]));
+
+    std::fs::remove_file(peers.join(kept)).unwrap();
+    agent
+        .wait_for("the other peer taken once the id is free", |v| {
+            v.peer_synced(clashing) && v.clusters("shop/web") == set(&["a", clashing])
+        })
+        .await;
+}

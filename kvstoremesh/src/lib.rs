@@ -15,7 +15,6 @@
 //! [`start`] wires it up; one [`CancellationToken`] stops everything. `docs/kvstoremesh.md`
 //! describes the behaviour for operators.
 
-mod backoff;
 mod board;
 mod health;
 mod local;
@@ -43,10 +42,10 @@ pub use local::LEASE_KEY;
 pub use metrics::Metrics;
 pub use mirror::MirrorError;
 
-use crate::backoff::Backoff;
 use crate::board::Board;
 use crate::local::Local;
-use crate::mirror::{Claims, Shared};
+use crate::mirror::Shared;
+use peer_follow::{Backoff, Claims};
 
 /// Keys per page when listing a store (the client's default is 1000).
 const LIST_PAGE_SIZE: u32 = 5000;

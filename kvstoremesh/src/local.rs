@@ -16,8 +16,8 @@ use model::{ClusterConfig, ClusterName, StoreValue};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::metrics::Metrics;
+use peer_follow::Backoff;
 
 /// Operations per concurrent chunk of a large write (a full sync).
 const CHUNK_OPS: usize = 1024;

@@ -8,13 +8,13 @@
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
 use kvstore::client::{
     Error as StoreError, LeaseId, Listing, Op, PeerConfig, PeerFileError, RawCodec, StoreClient,
-    StoreStatus, TypedClient, WatchEvent, WatchStream,
+    TypedClient, WatchEvent, WatchStream,
 };
 use model::keys::{
     HEARTBEAT_KEY, cache_canary_prefix, cluster_config_key, heartbeat_cache_key, peer_status_key,
@@ -29,9 +29,9 @@ use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
 
 use daemon::error_chain as chain;
+use peer_follow::{Backoff, Claims, KeyVersion, StoreWitness};
 
 use crate::Timing;
-use crate::backoff::Backoff;
 use crate::board::Board;
 use crate::local::{self, Lease, Local, digest};
 use crate::metrics::{Metrics, PeerMetrics, Stage};
@@ -56,32 +56,6 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub claims: Claims,
     pub board: Arc<Board>,
-}
-
-/// Which peer uses which cluster id, so two peers with one id are never both mirrored.
-#[derive(Debug, Default)]
-pub(crate) struct Claims(Mutex<HashMap<ClusterName, ClusterId>>);
-
-impl Claims {
-    /// Claims `id` for `peer`, or names the peer that already holds it.
-    fn claim(&self, peer: &ClusterName, id: ClusterId) -> Result<(), ClusterName> {
-        let mut claims = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((other, _)) = claims
-            .iter()
-            .find(|(name, claimed)| *name != peer && **claimed == id)
-        {
-            return Err(other.clone());
-        }
-        claims.insert(peer.clone(), id);
-        Ok(())
-    }
-
-    pub(crate) fn release(&self, peer: &ClusterName) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(peer);
-    }
 }
 
 /// Why a peer is not (or no longer) mirrored; its text becomes the status's `last_error`.
@@ -200,22 +174,6 @@ struct KindState {
     keys: HashSet<String>,
 }
 
-/// The peer's store as last seen: a change means it was replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StoreIdentity {
-    cluster_id: u64,
-    member_id: u64,
-}
-
-/// The peer's cluster-config key as last read, and the revision it was read after.
-#[derive(Debug, Clone, Copy)]
-struct ConfigSeen {
-    create_revision: i64,
-    mod_revision: i64,
-    lease: Option<LeaseId>,
-    read_after: i64,
-}
-
 #[derive(Debug)]
 struct Accepted {
     config: ClusterConfig,
@@ -272,12 +230,9 @@ struct Mirror {
     /// The status bytes last written, and under which lease.
     status_written: Option<(Vec<u8>, LeaseId)>,
     status_written_at: Option<Instant>,
-    single_endpoint: bool,
     accepted: Option<Accepted>,
-    identity: Option<StoreIdentity>,
-    /// The highest revision of the peer's store seen (listings, events, status).
-    last_seen: i64,
-    config_seen: Option<ConfigSeen>,
+    /// What the peer's store has shown of itself, to notice it being replaced.
+    witness: StoreWitness,
     kinds: HashMap<Kind, KindState>,
     /// The lease the cache is written under.
     lease: Option<Lease>,
@@ -315,7 +270,7 @@ pub(crate) async fn run_peer(
             return;
         }
     };
-    mirror.single_endpoint = config.client.endpoints.len() == 1;
+    mirror.witness = StoreWitness::new(config.client.endpoints.len());
     let timing = mirror.shared.timing.clone();
     let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_max);
     let mut client: Option<StoreClient> = None;
@@ -406,11 +361,8 @@ impl Mirror {
             status,
             status_written: None,
             status_written_at: None,
-            single_endpoint: true,
             accepted: None,
-            identity: None,
-            last_seen: 0,
-            config_seen: None,
+            witness: StoreWitness::new(1),
             kinds: Kind::ALL
                 .into_iter()
                 .map(|k| (k, KindState::default()))
@@ -465,7 +417,7 @@ impl Mirror {
 
         // The store first: a replaced store invalidates every revision we hold.
         let store = client.status().await.map_err(peer_error)?;
-        if let Some(reason) = self.check_identity(&store) {
+        if let Some(reason) = self.witness.check_status(&store) {
             self.store_replaced(&reason);
         }
         // Then who the peer is, before anything of it is read.
@@ -581,43 +533,8 @@ impl Mirror {
         }
     }
 
-    /// Checks the store's identity against the last one seen; says why it was replaced.
-    fn check_identity(&mut self, store: &StoreStatus) -> Option<String> {
-        let now = StoreIdentity {
-            cluster_id: store.cluster_id,
-            member_id: store.member_id,
-        };
-        let reason = match self.identity {
-            None => None,
-            Some(was) if was.cluster_id != now.cluster_id => Some(format!(
-                "its cluster id changed from {:x} to {:x}",
-                was.cluster_id, now.cluster_id
-            )),
-            // With several endpoints, another member may answer each time.
-            Some(was) if self.single_endpoint && was.member_id != now.member_id => Some(format!(
-                "its member id changed from {:x} to {:x}",
-                was.member_id, now.member_id
-            )),
-            // A lagging member of a multi-member store may answer with an older revision.
-            Some(_) if self.single_endpoint && store.revision < self.last_seen => Some(format!(
-                "its revision went back from {} to {}",
-                self.last_seen, store.revision
-            )),
-            Some(_) => None,
-        };
-        self.identity = Some(now);
-        if reason.is_some() {
-            self.last_seen = store.revision;
-            // The config's history in the old store says nothing about the new one.
-            self.config_seen = None;
-        } else {
-            self.note_revision(store.revision);
-        }
-        reason
-    }
-
     fn note_revision(&mut self, revision: i64) {
-        self.last_seen = self.last_seen.max(revision);
+        self.witness.note_revision(revision);
     }
 
     /// Every kind must be listed again; the cache is kept (and garbage-collected only
@@ -654,22 +571,15 @@ impl Mirror {
                 key,
             }));
         };
-        let mut outcome = ConfigRead::Unchanged;
-        if let Some(seen) = self.config_seen
-            && (entry.create_revision, entry.mod_revision, entry.lease)
-                != (seen.create_revision, seen.mod_revision, seen.lease)
-            && entry.mod_revision <= seen.read_after
-        {
-            // A change at or before a revision where we saw another version: not the same
-            // history, so not the same store.
-            outcome = ConfigRead::StoreReplaced;
-        }
-        self.config_seen = Some(ConfigSeen {
+        let version = KeyVersion {
             create_revision: entry.create_revision,
             mod_revision: entry.mod_revision,
             lease: entry.lease,
-            read_after,
-        });
+        };
+        let mut outcome = ConfigRead::Unchanged;
+        if self.witness.check_config(version, read_after) {
+            outcome = ConfigRead::StoreReplaced;
+        }
         if self
             .accepted
             .as_ref()
@@ -795,7 +705,7 @@ impl Mirror {
         raw: &TypedClient<RawCodec>,
     ) -> Result<(), End> {
         let store = client.status().await.map_err(peer_error)?;
-        if let Some(reason) = self.check_identity(&store) {
+        if let Some(reason) = self.witness.check_status(&store) {
             self.store_replaced(&reason);
             return Err(End::Restart("store-replaced"));
         }
@@ -1318,7 +1228,7 @@ impl fmt::Debug for Mirror {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Mirror")
             .field("peer", &self.peer)
-            .field("last_seen", &self.last_seen)
+            .field("last_seen", &self.witness.last_seen())
             .finish_non_exhaustive()
     }
 }
@@ -1349,25 +1259,6 @@ mod tests {
             canary_kind(&prefix, "cilium/synced/c/cilium/state/nodes/v1"),
             None
         );
-    }
-
-    #[test]
-    fn claims_keep_ids_unique() {
-        let claims = Claims::default();
-        let (b, c) = (
-            ClusterName::new("b").unwrap(),
-            ClusterName::new("c").unwrap(),
-        );
-        let two = ClusterId::try_from(2).unwrap();
-        let three = ClusterId::try_from(3).unwrap();
-        claims.claim(&b, two).unwrap();
-        claims.claim(&b, two).unwrap();
-        assert_eq!(claims.claim(&c, two).unwrap_err(), b);
-        claims.claim(&c, three).unwrap();
-        // b moves to 3: refused while c holds it; c leaves, then b may.
-        assert_eq!(claims.claim(&b, three).unwrap_err(), c);
-        claims.release(&c);
-        claims.claim(&b, three).unwrap();
     }
 
     #[test]

@@ -18,7 +18,8 @@
 pub mod tracker;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -27,7 +28,7 @@ use model::keys::{
     CACHE_ROOT, CLUSTER_CONFIG_ROOT, HEARTBEAT_KEY, STATE_ROOT, SYNCED_ROOT, cluster_config_key,
 };
 use model::{ClusterConfig, ClusterName};
-use rand::Rng;
+use peer_follow::{Backoff, Claims, DirChange, KeyVersion, PeerDirectory, StoreWitness};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +94,9 @@ pub enum RemoteError {
     /// The revision the watch needed is compacted: list again.
     #[error("watch revision compacted; listing again")]
     Compacted,
+    /// The store is not the one the resume point belongs to: list again.
+    #[error("the store was replaced ({0}); listing again")]
+    Replaced(String),
     /// The peer has published no usable cluster config (yet).
     #[error("{0}")]
     NotReady(String),
@@ -148,45 +152,29 @@ impl From<MergeError> for RemoteError {
     }
 }
 
-/// Several prefix watches as one stream of whole revisions ([`kvstore::client::MergedWatch`]).
+/// Several prefix watches as one stream of whole revisions ([`kvstore::client::MergedWatch`]);
+/// what `layout` says is a canary waits for the revision order, the rest may go early.
 async fn merged_watch(
     client: &StoreClient,
     prefixes: &[String],
     from: i64,
     progress: Duration,
-    early: fn(&str) -> bool,
+    layout: Layout,
 ) -> Result<MergedWatch<WatchStream<Vec<u8>>>, RemoteError> {
+    /// Writes that may overtake other watches: anything but a canary.
+    fn early(layout: Layout, key: &str) -> bool {
+        !matches!(tracker::classify(layout, key), Some(KeyClass::Canary(..)))
+    }
+    let early: fn(&str) -> bool = match layout {
+        Layout::Cache => |key| early(Layout::Cache, key),
+        Layout::Direct => |key| early(Layout::Direct, key),
+    };
     Ok(MergedWatch::open(&client.raw(), prefixes, from, progress, early).await?)
 }
 
-/// Reconnect delays: doubling from a base to a maximum, each with ±50% jitter so peers that
-/// failed together do not come back together.
-#[derive(Debug)]
-struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    fn new(timing: &WatchTiming) -> Self {
-        Backoff {
-            base: timing.backoff_base,
-            max: timing.backoff_max,
-            attempt: 0,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
-        self.attempt = self.attempt.saturating_add(1);
-        let capped = exp.min(self.max);
-        capped.mul_f64(rand::rng().random_range(0.5..1.5))
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
+/// Reconnect delays from the agent's flags (the same rule as kvstoremesh's).
+fn backoff(timing: &WatchTiming) -> Backoff {
+    Backoff::new(timing.backoff_base, timing.backoff_max)
 }
 
 /// Sends updates to the agent; `Closed` when it stopped.
@@ -230,42 +218,53 @@ pub fn spawn(
     }
 }
 
-/// Whether a store is the one a resume point belongs to.
-#[derive(Debug, Default)]
-struct StoreIdentity {
-    cluster_id: Option<u64>,
-}
-
-impl StoreIdentity {
-    /// Checks the store; `false` when it was replaced since the last session (another
-    /// cluster id, or a revision behind where we were).
-    async fn same_store(
-        &mut self,
-        client: &StoreClient,
-        resume: Option<i64>,
-    ) -> Result<bool, RemoteError> {
-        let status = client.status().await?;
-        let replaced = self.cluster_id.is_some_and(|id| id != status.cluster_id)
-            || resume.is_some_and(|r| status.revision + 1 < r);
-        self.cluster_id = Some(status.cluster_id);
-        Ok(!replaced)
+/// Checks that the store is the one `resume` (the next revision to watch) belongs to: the
+/// same identity, not behind what was seen. Otherwise the resume point is dropped (list
+/// again).
+async fn check_store(
+    client: &StoreClient,
+    witness: &mut StoreWitness,
+    resume: &mut Option<i64>,
+) -> Result<(), RemoteError> {
+    let status = client.status().await?;
+    if let Some(next) = *resume {
+        witness.note_revision(next - 1);
     }
+    if let Some(reason) = witness.check_status(&status) {
+        tracing::info!(reason, "the store was replaced; listing again");
+        *resume = None;
+    }
+    Ok(())
 }
 
-/// Writes that may overtake other watches: anything but a canary.
-fn early_cache(key: &str) -> bool {
-    !matches!(
-        tracker::classify(Layout::Cache, key),
-        Some(KeyClass::Canary(..))
-    )
-}
-
-/// Writes that may overtake other watches: anything but a canary.
-fn early_direct(key: &str) -> bool {
-    !matches!(
-        tracker::classify(Layout::Direct, key),
-        Some(KeyClass::Canary(..))
-    )
+/// The signals of `first` (the watch's next revision) and of the revisions already
+/// buffered behind it, so bursts go out in few messages; `resume` follows what was taken.
+/// An error ends the batch but keeps what came before it: those revisions are past the
+/// resume point and must still reach the agent.
+fn take_revisions(
+    watch: &mut MergedWatch<WatchStream<Vec<u8>>>,
+    first: Result<(i64, Vec<KeyEvent>), MergeError>,
+    layout: Layout,
+    resume: &mut Option<i64>,
+) -> (Vec<(Option<ClusterName>, Signal)>, Option<RemoteError>) {
+    let mut signals = Vec::new();
+    let mut next = Some(first);
+    while let Some(result) = next.take() {
+        match result {
+            Ok((_, events)) => {
+                *resume = Some(watch.resume_point());
+                signals.extend(order_batch(layout, events));
+            }
+            Err(error) => {
+                *resume = Some(watch.resume_point());
+                return (signals, Some(error.into()));
+            }
+        }
+        if signals.len() < 4096 {
+            next = watch.next().now_or_never();
+        }
+    }
+    (signals, None)
 }
 
 /// Applies one revision's changes through `route`, completeness signals first.
@@ -354,15 +353,15 @@ async fn run_cache(
         listing: false,
     };
     let mut resume = None;
-    let mut identity = StoreIdentity::default();
-    let mut backoff = Backoff::new(&timing);
+    let mut witness = StoreWitness::new(config.endpoints.len());
+    let mut backoff = backoff(&timing);
     let mut connected = false;
     loop {
         let session = cache_session(
             &client,
             &mut reader,
             &mut resume,
-            &mut identity,
+            &mut witness,
             &timing,
             &tx,
             &mut connected,
@@ -388,7 +387,7 @@ async fn run_cache(
                 return;
             }
         }
-        if !pause(backoff.next(), &cancel).await {
+        if !pause(backoff.next_delay(), &cancel).await {
             return;
         }
     }
@@ -399,15 +398,13 @@ async fn cache_session(
     client: &StoreClient,
     reader: &mut CacheReader,
     resume: &mut Option<i64>,
-    identity: &mut StoreIdentity,
+    witness: &mut StoreWitness,
     timing: &WatchTiming,
     tx: &mpsc::Sender<Vec<PeerUpdate>>,
     connected: &mut bool,
     backoff: &mut Backoff,
 ) -> Result<(), RemoteError> {
-    if !identity.same_store(client, *resume).await? {
-        *resume = None;
-    }
+    check_store(client, witness, resume).await?;
     let prefixes = cache_prefixes();
     let mut out = Vec::new();
     let from = match *resume {
@@ -450,7 +447,7 @@ async fn cache_session(
         &prefixes,
         from,
         timing.progress_interval,
-        early_cache,
+        Layout::Cache,
     )
     .await?;
     *resume = Some(from);
@@ -459,24 +456,15 @@ async fn cache_session(
     out.push(PeerUpdate::SourceLink { connected: true });
     flush(tx, &mut out).await?;
     loop {
-        let next = watch.next().await;
-        *resume = Some(watch.resume_point());
-        let (_, events) = next?;
-        for (peer, signal) in order_batch(Layout::Cache, events) {
+        let first = watch.next().await;
+        let (signals, error) = take_revisions(&mut watch, first, Layout::Cache, resume);
+        for (peer, signal) in signals {
             reader.route(peer, signal, &mut out);
         }
-        // Take what is already buffered too, so bursts go out in few messages.
-        while out.len() < 4096 {
-            let Some(more) = watch.next().now_or_never() else {
-                break;
-            };
-            *resume = Some(watch.resume_point());
-            let (_, events) = more?;
-            for (peer, signal) in order_batch(Layout::Cache, events) {
-                reader.route(peer, signal, &mut out);
-            }
-        }
         flush(tx, &mut out).await?;
+        if let Some(error) = error {
+            return Err(error);
+        }
     }
 }
 
@@ -488,38 +476,19 @@ pub fn direct_prefixes(peer: &ClusterName) -> Vec<String> {
 }
 
 struct RunningPeer {
-    file: Vec<u8>,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
-/// The peer files of `dir`: valid cluster names (not the local one), not hidden, files only.
-fn peer_files(dir: &Path, local: &ClusterName) -> std::io::Result<BTreeMap<ClusterName, Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let file_name = entry.file_name();
-        let Some(name) = file_name.to_str() else {
-            continue;
-        };
-        if name.starts_with('.') || !entry.path().is_file() {
-            continue;
-        }
-        let Ok(peer) = ClusterName::new(name) else {
-            tracing::debug!(file = name, "not a cluster name; ignored");
-            continue;
-        };
-        if &peer == local {
-            continue;
-        }
-        match std::fs::read(entry.path()) {
-            Ok(bytes) => {
-                out.insert(peer, bytes);
-            }
-            Err(error) => tracing::warn!(file = name, %error, "cannot read peer file"),
+impl RunningPeer {
+    /// Stops the peer's task and waits for it, so its claim on a cluster id is gone before
+    /// a successor claims.
+    async fn stop(self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task {
+            let _ = task.await;
         }
     }
-    Ok(out)
 }
 
 async fn run_direct(
@@ -529,74 +498,56 @@ async fn run_direct(
     tx: mpsc::Sender<Vec<PeerUpdate>>,
     cancel: CancellationToken,
 ) {
+    let mut directory = PeerDirectory::new(dir, local.name.clone());
+    let claims = Arc::new(Claims::default());
     let mut running: BTreeMap<ClusterName, RunningPeer> = BTreeMap::new();
     let mut tick = tokio::time::interval(timing.peers_poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut dir_error = false;
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let files = match peer_files(&dir, &local.name) {
-            Ok(files) => {
-                dir_error = false;
-                files
-            }
-            Err(error) => {
-                if !dir_error {
-                    tracing::warn!(dir = %dir.display(), %error, "cannot read the peers directory; keeping the peers as they are");
-                }
-                dir_error = true;
-                continue;
-            }
-        };
         let mut out = Vec::new();
-        let gone: Vec<ClusterName> = running
-            .keys()
-            .filter(|p| !files.contains_key(*p))
-            .cloned()
-            .collect();
-        for peer in gone {
-            if let Some(old) = running.remove(&peer) {
-                old.cancel.cancel();
-                tracing::info!(%peer, "peer file removed");
-                out.push(PeerUpdate::Configured {
-                    peer: peer.clone(),
-                    configured: false,
-                });
-                out.push(PeerUpdate::Link {
-                    peer,
-                    connected: false,
-                    error: Some("the peer file was removed".into()),
-                });
-            }
-        }
-        for (peer, bytes) in files {
-            if running.get(&peer).is_some_and(|r| r.file == bytes) {
-                continue;
-            }
-            let fresh = match running.remove(&peer) {
-                Some(old) => {
-                    old.cancel.cancel();
-                    tracing::info!(%peer, "peer file changed; reconnecting");
-                    false
+        for change in directory.poll().await {
+            let (peer, path, bytes) = match change {
+                DirChange::Removed { peer } => {
+                    if let Some(old) = running.remove(&peer) {
+                        old.stop().await;
+                    }
+                    tracing::info!(%peer, "peer file removed");
+                    out.push(PeerUpdate::Configured {
+                        peer: peer.clone(),
+                        configured: false,
+                    });
+                    out.push(PeerUpdate::Link {
+                        peer,
+                        connected: false,
+                        error: Some("the peer file was removed".into()),
+                    });
+                    continue;
                 }
-                None => true,
+                DirChange::Changed { peer, path, bytes } => {
+                    tracing::info!(%peer, "peer file changed; reconnecting");
+                    if let Some(old) = running.remove(&peer) {
+                        old.stop().await;
+                    }
+                    (peer, path, bytes)
+                }
+                DirChange::Added { peer, path, bytes } => {
+                    out.push(PeerUpdate::Configured {
+                        peer: peer.clone(),
+                        configured: true,
+                    });
+                    (peer, path, bytes)
+                }
             };
-            if fresh {
-                out.push(PeerUpdate::Configured {
-                    peer: peer.clone(),
-                    configured: true,
-                });
-            }
-            let path = dir.join(peer.as_str());
             let child = cancel.child_token();
             let task = match kvstore::client::parse_peer_file(
                 &peer,
                 &path,
                 &bytes,
-                &dir,
+                directory.dir(),
                 timing.request_timeout,
             ) {
                 Ok(config) => {
@@ -604,11 +555,13 @@ async fn run_direct(
                         tracing::warn!(%peer, key, "unknown key in peer file; ignored");
                     }
                     let span = tracing::info_span!("peer", peer = %peer);
+                    let tracker = PeerTracker::new(peer.clone(), Layout::Direct, local.clone())
+                        .with_claims(claims.clone());
                     Some(tokio::spawn(
                         run_direct_peer(
                             config.client,
-                            peer.clone(),
-                            local.clone(),
+                            tracker,
+                            claims.clone(),
                             timing.clone(),
                             tx.clone(),
                             child.clone(),
@@ -629,7 +582,6 @@ async fn run_direct(
             running.insert(
                 peer,
                 RunningPeer {
-                    file: bytes,
                     cancel: child,
                     task,
                 },
@@ -640,21 +592,32 @@ async fn run_direct(
         }
     }
     for (_, peer) in running {
-        peer.cancel.cancel();
-        if let Some(task) = peer.task {
-            let _ = task.await;
-        }
+        peer.stop().await;
     }
 }
 
+/// Follows one peer's store until `cancel`; its cluster-id claim ends with it.
 async fn run_direct_peer(
     config: ClientConfig,
-    peer: ClusterName,
-    local: ClusterConfig,
+    tracker: PeerTracker,
+    claims: Arc<Claims>,
     timing: WatchTiming,
     tx: mpsc::Sender<Vec<PeerUpdate>>,
     cancel: CancellationToken,
 ) {
+    let peer = tracker.peer().clone();
+    follow_direct_peer(config, tracker, timing, tx, cancel).await;
+    claims.release(&peer);
+}
+
+async fn follow_direct_peer(
+    config: ClientConfig,
+    tracker: PeerTracker,
+    timing: WatchTiming,
+    tx: mpsc::Sender<Vec<PeerUpdate>>,
+    cancel: CancellationToken,
+) {
+    let peer = tracker.peer().clone();
     let mut config = config;
     config.limits.list_page_size = config.limits.list_page_size.max(timing.list_page_size);
     let client = match StoreClient::connect_lazy(&config).await {
@@ -672,14 +635,14 @@ async fn run_direct_peer(
     };
     let mut session = DirectSession {
         peer: peer.clone(),
-        tracker: PeerTracker::new(peer.clone(), Layout::Direct, local),
+        tracker,
         resume: None,
-        identity: StoreIdentity::default(),
+        witness: StoreWitness::new(config.endpoints.len()),
         heartbeat: None,
         config: None,
         connected: false,
     };
-    let mut backoff = Backoff::new(&timing);
+    let mut backoff = backoff(&timing);
     loop {
         let result = tokio::select! {
             () = cancel.cancelled() => return,
@@ -687,10 +650,10 @@ async fn run_direct_peer(
         };
         let error = match result {
             Err(RemoteError::Closed) => return,
-            Err(RemoteError::Compacted) => {
-                tracing::info!("peer store compacted or replaced; listing again");
+            Err(error @ (RemoteError::Compacted | RemoteError::Replaced(_))) => {
+                tracing::info!(%error, "listing the peer's store again");
                 session.resume = None;
-                "listing again".to_owned()
+                error.to_string()
             }
             Err(error) => error.to_string(),
             Ok(()) => String::new(),
@@ -709,7 +672,7 @@ async fn run_direct_peer(
         } else {
             tracing::debug!(%error, "peer not reachable or not ready");
         }
-        if !pause(backoff.next(), &cancel).await {
+        if !pause(backoff.next_delay(), &cancel).await {
             return;
         }
     }
@@ -719,25 +682,44 @@ struct DirectSession {
     peer: ClusterName,
     tracker: PeerTracker,
     resume: Option<i64>,
-    identity: StoreIdentity,
+    witness: StoreWitness,
     heartbeat: Option<Vec<u8>>,
     config: Option<Vec<u8>>,
     connected: bool,
 }
 
 impl DirectSession {
-    /// Reads the peer's heartbeat and config; signals what changed.
+    /// Checks the peer's store is still the one followed, reads its config and heartbeat,
+    /// and signals what changed. A refused config is signalled again, so a refusal that
+    /// another peer caused (an id clash) ends when that peer gives the id up.
     async fn probe(
         &mut self,
         client: &StoreClient,
         out: &mut Vec<PeerUpdate>,
     ) -> Result<(), RemoteError> {
         let raw = client.raw();
-        let config = raw
-            .get(&cluster_config_key(&self.peer))
-            .await?
-            .map(|e| e.value);
-        if config != self.config {
+        let status = client.status().await?;
+        if let Some(next) = self.resume {
+            self.witness.note_revision(next - 1);
+        }
+        if let Some(reason) = self.witness.check_status(&status) {
+            return Err(RemoteError::Replaced(reason));
+        }
+        let entry = raw.get(&cluster_config_key(&self.peer)).await?;
+        if let Some(entry) = &entry {
+            let version = KeyVersion {
+                create_revision: entry.create_revision,
+                mod_revision: entry.mod_revision,
+                lease: entry.lease,
+            };
+            if self.witness.check_config(version, status.revision) {
+                return Err(RemoteError::Replaced(
+                    "its cluster config has another history".to_owned(),
+                ));
+            }
+        }
+        let config = entry.map(|e| e.value);
+        if config != self.config || self.tracker.phase() == Phase::Refused {
             self.config = config.clone();
             if config.is_some() {
                 self.tracker.handle(Signal::Config(config), out);
@@ -766,10 +748,7 @@ impl DirectSession {
         tx: &mpsc::Sender<Vec<PeerUpdate>>,
         backoff: &mut Backoff,
     ) -> Result<(), RemoteError> {
-        if !self.identity.same_store(client, self.resume).await? {
-            tracing::info!("the peer's store was replaced; listing again");
-            self.resume = None;
-        }
+        check_store(client, &mut self.witness, &mut self.resume).await?;
         let mut out = Vec::new();
         self.probe(client, &mut out).await?;
         flush(tx, &mut out).await?;
@@ -807,7 +786,7 @@ impl DirectSession {
             &prefixes,
             from,
             timing.progress_interval,
-            early_direct,
+            Layout::Direct,
         )
         .await?;
         self.resume = Some(from);
@@ -816,22 +795,44 @@ impl DirectSession {
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                next = watch.next() => {
-                    self.resume = Some(watch.resume_point());
-                    let (_, events) = next?;
-                    let signals = order_batch(Layout::Direct, events);
+                first = watch.next() => {
+                    let (signals, error) =
+                        take_revisions(&mut watch, first, Layout::Direct, &mut self.resume);
                     self.route(signals, &mut out);
-                    while out.len() < 4096 {
-                        let Some(more) = watch.next().now_or_never() else { break };
-                        self.resume = Some(watch.resume_point());
-                        let (_, events) = more?;
-                        let signals = order_batch(Layout::Direct, events);
-                        self.route(signals, &mut out);
+                    if let Some(error) = error {
+                        flush(tx, &mut out).await?;
+                        return Err(error);
                     }
                 }
                 _ = probe.tick() => self.probe(client, &mut out).await?,
             }
             flush(tx, &mut out).await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's jitter used to reach 1.5× `--backoff-max`; the flag is a ceiling now, as
+    /// it is for kvstoremesh.
+    #[test]
+    fn reconnect_delays_stay_within_backoff_max() {
+        let timing = WatchTiming {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            ..WatchTiming::default()
+        };
+        let mut backoff = backoff(&timing);
+        let delays: Vec<Duration> = (0..200).map(|_| backoff.next_delay()).collect();
+        assert!(
+            delays.iter().all(|d| *d <= timing.backoff_max),
+            "{delays:?}"
+        );
+        assert!(delays[0] >= timing.backoff_base / 2 && delays[0] <= timing.backoff_base);
+        // At the ceiling the delays still spread, so peers do not reconnect in lockstep.
+        let at_max: BTreeSet<u128> = delays[10..].iter().map(Duration::as_micros).collect();
+        assert!(at_max.len() > 1);
     }
 }

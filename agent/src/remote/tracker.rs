@@ -17,12 +17,15 @@
 //! full resync, never on a disconnect.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use model::keys::{cluster_config_key, parse_heartbeat_cache_key, parse_peer_status_key};
 use model::{
     ClusterConfig, ClusterName, Kind, PeerStatus, validate_cluster_config, validate_entry,
     validate_key,
 };
+
+use peer_follow::Claims;
 
 use crate::state::{EntryChange, PeerPart};
 
@@ -163,6 +166,9 @@ pub struct PeerTracker {
     listing: bool,
     synced: bool,
     mesh_status_seen: bool,
+    /// The cluster ids of the other peers read the same way, when this tracker must claim
+    /// its peer's (direct reads; kvstoremesh has already done it for its cache).
+    claims: Option<Arc<Claims>>,
 }
 
 impl PeerTracker {
@@ -180,7 +186,14 @@ impl PeerTracker {
             listing: false,
             synced: false,
             mesh_status_seen: false,
+            claims: None,
         }
+    }
+
+    /// The same tracker, refusing a peer whose cluster id another peer in `claims` holds.
+    pub fn with_claims(mut self, claims: Arc<Claims>) -> Self {
+        self.claims = Some(claims);
+        self
     }
 
     /// The peer.
@@ -320,7 +333,8 @@ impl PeerTracker {
                     .check_peer(&config)
                     .map(|()| config)
                     .map_err(|e| e.to_string())
-            });
+            })
+            .and_then(|config| self.claim(config));
         match checked {
             Ok(config) => {
                 if self.config.as_ref() == Some(&config) && !self.refused {
@@ -353,6 +367,9 @@ impl PeerTracker {
             }
             Err(error) => {
                 tracing::warn!(peer = %self.peer, %error, "peer refused; nothing of it is used");
+                if let Some(claims) = &self.claims {
+                    claims.release(&self.peer);
+                }
                 // Keep the entries (unvalidated) in case the config is fixed.
                 let staged = std::mem::take(&mut self.staging);
                 for entry in staged.entries() {
@@ -369,6 +386,23 @@ impl PeerTracker {
             }
         }
         self.phase_changed(before, out);
+    }
+
+    /// Claims the peer's cluster id, if this tracker must; releases its claim on refusal.
+    fn claim(&self, config: ClusterConfig) -> Result<ClusterConfig, String> {
+        let Some(claims) = &self.claims else {
+            return Ok(config);
+        };
+        match claims.claim(&self.peer, config.id) {
+            Ok(()) => Ok(config),
+            Err(other) => {
+                claims.release(&self.peer);
+                Err(format!(
+                    "peer {} uses cluster id {}, which peer {other} already uses; refused",
+                    self.peer, config.id
+                ))
+            }
+        }
     }
 
     /// Checks every held entry against the (new) config.
@@ -643,6 +677,42 @@ mod tests {
                 .collect();
             assert_eq!(changes.len(), 2, "{out:?}");
         }
+    }
+
+    /// Direct reads used to accept two peers with one cluster id (kvstoremesh refused the
+    /// second); now the second is refused until the first gives the id up.
+    #[test]
+    fn direct_peers_cannot_share_a_cluster_id() {
+        let claims = Arc::new(Claims::default());
+        let tracker = |peer: &str| {
+            PeerTracker::new(name(peer), Layout::Direct, config("a", 1)).with_claims(claims.clone())
+        };
+        let (mut b, mut c) = (tracker("b"), tracker("c"));
+        let mut out = Vec::new();
+        b.handle(Signal::Config(Some(config("b", 2).encode())), &mut out);
+        assert_eq!(b.phase(), Phase::Listing);
+        out.clear();
+        c.handle(Signal::Config(Some(config("c", 2).encode())), &mut out);
+        assert_eq!(c.phase(), Phase::Refused);
+        let refusal = out.iter().find_map(|u| match u {
+            PeerUpdate::Config { config: Err(e), .. } => Some(e.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            refusal.as_deref(),
+            Some("peer c uses cluster id 2, which peer b already uses; refused")
+        );
+        // b moves to id 3: c's next read of its config is accepted.
+        b.handle(Signal::Config(Some(config("b", 3).encode())), &mut out);
+        c.handle(Signal::Config(Some(config("c", 2).encode())), &mut out);
+        assert_eq!(c.phase(), Phase::Listing);
+        // A refused peer gives its id up: b refused (its name is ours), c keeps 2, and d may
+        // take 3.
+        b.handle(Signal::Config(Some(config("a", 3).encode())), &mut out);
+        assert_eq!(b.phase(), Phase::Refused);
+        let mut d = tracker("d");
+        d.handle(Signal::Config(Some(config("d", 3).encode())), &mut out);
+        assert_eq!(d.phase(), Phase::Listing);
     }
 
     #[test]

@@ -6,16 +6,17 @@ use std::time::Duration;
 use rand::Rng;
 
 /// Delays that double from `base` up to `max`, each drawn uniformly from the upper half of
-/// its step (`[step/2, step]`): never zero, never above `max`, never in lockstep.
+/// its step (`[step/2, step]`): never zero, never above `max` (the flag users set means a
+/// ceiling), never in lockstep.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub(crate) fn new(base: Duration, max: Duration) -> Self {
+    pub fn new(base: Duration, max: Duration) -> Self {
         Backoff {
             base,
             max: max.max(base),
@@ -30,19 +31,19 @@ impl Backoff {
     }
 
     /// The next delay; each call doubles the step until it reaches `max`.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let step = self.step();
         self.attempt = self.attempt.saturating_add(1);
         jitter(step)
     }
 
     /// A delay at the maximum step, for failures that will not heal quickly (a refused peer).
-    pub(crate) fn max_delay(&self) -> Duration {
+    pub fn max_delay(&self) -> Duration {
         jitter(self.max)
     }
 
     /// Starts over at `base`, after a connection that worked.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.attempt = 0;
     }
 }

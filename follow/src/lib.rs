@@ -1,0 +1,19 @@
+//! Following peer clusters' stores: what kvstoremesh (which mirrors each peer into the local
+//! store's cache) and the agent's direct mode (which reads each peer's store itself) must do
+//! the same way, so they cannot disagree about which peers exist, when a peer is refused,
+//! when a store was replaced, or how fast to reconnect.
+//!
+//! - [`directory`]: the peers directory, polled into added/changed/removed peers;
+//! - [`claims`]: one cluster id per peer across every peer followed;
+//! - [`witness`]: whether a store is still the one a resume point belongs to;
+//! - [`backoff`]: reconnect delays.
+
+pub mod backoff;
+pub mod claims;
+pub mod directory;
+pub mod witness;
+
+pub use backoff::Backoff;
+pub use claims::Claims;
+pub use directory::{DirChange, PeerDirectory, Scan};
+pub use witness::{KeyVersion, StoreWitness};
