@@ -4,6 +4,7 @@
 //! when a store was replaced, or how fast to reconnect.
 //!
 //! - [`directory`]: the peers directory, polled into added/changed/removed peers;
+//! - [`gate`]: the one check before anything of a peer is used: its cluster config;
 //! - [`claims`]: one cluster id per peer across every peer followed;
 //! - [`witness`]: whether a store is still the one a resume point belongs to;
 //! - [`backoff`]: reconnect delays.
@@ -11,9 +12,11 @@
 pub mod backoff;
 pub mod claims;
 pub mod directory;
+pub mod gate;
 pub mod witness;
 
 pub use backoff::Backoff;
 pub use claims::Claims;
 pub use directory::{DirChange, PeerDirectory, Scan};
+pub use gate::{ConfigGate, ConfigRefusal, Verdict};
 pub use witness::{KeyVersion, StoreWitness};

@@ -294,7 +294,7 @@ pub async fn start(config: MeshConfig, cancel: CancellationToken) -> Result<Runn
         local_config: config.local.clone(),
         timing: config.timing.clone(),
         metrics: metrics.clone(),
-        claims: Claims::default(),
+        claims: Arc::new(Claims::default()),
         board: board.clone(),
     });
     let lease_task = tokio::spawn(

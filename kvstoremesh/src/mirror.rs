@@ -21,15 +21,15 @@ use model::keys::{
     state_canary_prefix,
 };
 use model::{
-    ClusterConfig, ClusterId, ClusterName, EntryError, Kind, PeerError, PeerStatus, StoreValue,
-    to_cache_key, validate_cluster_config, validate_entry, validate_key,
+    ClusterConfig, ClusterName, EntryError, Kind, PeerStatus, StoreValue, to_cache_key,
+    validate_entry, validate_key,
 };
 use tokio::time::MissedTickBehavior;
 use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
 
 use daemon::error_chain as chain;
-use peer_follow::{Backoff, Claims, KeyVersion, StoreWitness};
+use peer_follow::{Backoff, Claims, ConfigGate, ConfigRefusal, KeyVersion, StoreWitness, Verdict};
 
 use crate::Timing;
 use crate::board::Board;
@@ -54,7 +54,7 @@ pub(crate) struct Shared {
     pub local_config: ClusterConfig,
     pub timing: Timing,
     pub metrics: Arc<Metrics>,
-    pub claims: Claims,
+    pub claims: Arc<Claims>,
     pub board: Arc<Board>,
 }
 
@@ -78,40 +78,15 @@ pub enum MirrorError {
         /// The key read.
         key: String,
     },
-    /// The peer's cluster config does not validate (another name, an undecodable value).
-    #[error("peer {peer}'s cluster config is refused")]
-    ConfigInvalid {
-        /// The peer.
-        peer: ClusterName,
-        /// Why.
-        #[source]
-        source: EntryError,
-    },
-    /// The peer cannot join a mesh with this cluster (same name or id, other
-    /// max-connected-clusters).
-    #[error("peer refused")]
-    Refused(#[source] PeerError),
-    /// Another peer already uses the peer's cluster id.
-    #[error("peer {peer} uses cluster id {id}, which peer {other} already uses; refused")]
-    IdClash {
-        /// The refused peer.
-        peer: ClusterName,
-        /// The id both use.
-        id: ClusterId,
-        /// The peer mirrored with that id.
-        other: ClusterName,
-    },
+    /// The peer's cluster config is refused.
+    #[error(transparent)]
+    Config(ConfigRefusal),
 }
 
 impl MirrorError {
     /// A refusal: nothing of the peer may stay in the cache, and retrying soon is pointless.
     fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            MirrorError::ConfigInvalid { .. }
-                | MirrorError::Refused(_)
-                | MirrorError::IdClash { .. }
-        )
+        matches!(self, MirrorError::Config(_))
     }
 
     fn stage(&self) -> Stage {
@@ -174,12 +149,6 @@ struct KindState {
     keys: HashSet<String>,
 }
 
-#[derive(Debug)]
-struct Accepted {
-    config: ClusterConfig,
-    bytes: Vec<u8>,
-}
-
 /// Whether reading the config changed anything.
 #[derive(Debug, PartialEq, Eq)]
 enum ConfigRead {
@@ -230,7 +199,8 @@ struct Mirror {
     /// The status bytes last written, and under which lease.
     status_written: Option<(Vec<u8>, LeaseId)>,
     status_written_at: Option<Instant>,
-    accepted: Option<Accepted>,
+    /// The peer's accepted cluster config.
+    gate: ConfigGate,
     /// What the peer's store has shown of itself, to notice it being replaced.
     witness: StoreWitness,
     kinds: HashMap<Kind, KindState>,
@@ -361,7 +331,11 @@ impl Mirror {
             status,
             status_written: None,
             status_written_at: None,
-            accepted: None,
+            gate: ConfigGate::new(
+                peer.clone(),
+                shared.local_config.clone(),
+                Some(shared.claims.clone()),
+            ),
             witness: StoreWitness::new(1),
             kinds: Kind::ALL
                 .into_iter()
@@ -386,7 +360,7 @@ impl Mirror {
     }
 
     fn config(&self) -> Option<&ClusterConfig> {
-        self.accepted.as_ref().map(|a| &a.config)
+        self.gate.accepted()
     }
 
     /// One connection to the peer, from checking its store and config to following its
@@ -580,34 +554,16 @@ impl Mirror {
         if self.witness.check_config(version, read_after) {
             outcome = ConfigRead::StoreReplaced;
         }
-        if self
-            .accepted
-            .as_ref()
-            .is_none_or(|a| a.bytes != entry.value)
-        {
-            let config =
-                validate_cluster_config(&key, &entry.value, &self.peer).map_err(|source| {
-                    config_error(MirrorError::ConfigInvalid {
-                        peer: self.peer.clone(),
-                        source,
-                    })
-                })?;
-            if let Err(error) = self.shared.local_config.check_peer(&config) {
-                self.shared.claims.release(&self.peer);
-                return Err(config_error(MirrorError::Refused(error)));
-            }
-            if let Err(other) = self.shared.claims.claim(&self.peer, config.id) {
-                self.shared.claims.release(&self.peer);
-                return Err(config_error(MirrorError::IdClash {
-                    peer: self.peer.clone(),
-                    id: config.id,
-                    other,
-                }));
-            }
-            let layout_changed = self.config().is_some_and(|was| {
-                was.id != config.id || was.max_connected_clusters != config.max_connected_clusters
-            });
-            if layout_changed {
+        let layout_changed = match self.gate.offer(&entry.value) {
+            Ok(Verdict::Unchanged) => None,
+            Ok(Verdict::Accepted { layout_changed }) => Some(layout_changed),
+            Err(refusal) => return Err(config_error(MirrorError::Config(refusal))),
+        };
+        if let (Some(layout_changed), Some(config)) = (layout_changed, self.gate.accepted()) {
+            let config = config.clone();
+            // Entries checked against a config refused since (and not drained yet) are as
+            // suspect as after a change of layout.
+            if layout_changed || (self.status.refused && !self.refusal_drained) {
                 tracing::warn!(
                     id = config.id.get(),
                     "the peer's cluster id or max-connected-clusters changed: checking every \
@@ -625,10 +581,6 @@ impl Mirror {
             self.status.refused = false;
             self.metrics.refused.set(0);
             self.refusal_drained = false;
-            self.accepted = Some(Accepted {
-                config,
-                bytes: entry.value,
-            });
             if outcome == ConfigRead::Unchanged {
                 outcome = ConfigRead::Changed;
             }
@@ -640,20 +592,16 @@ impl Mirror {
     /// Writes the accepted config to `cilium/cluster-config/<peer>` if it is not there
     /// under the current lease.
     async fn mirror_config(&mut self) -> Result<(), End> {
-        let (Some(lease), Some(accepted)) = (self.lease, &self.accepted) else {
+        let (Some(lease), Some(accepted)) = (self.lease, self.gate.accepted_bytes()) else {
             return Ok(());
         };
-        let state = (digest(&accepted.bytes), lease.generation);
+        let state = (digest(accepted), lease.generation);
         if self.mirrored_config == Some(state) {
             return Ok(());
         }
         self.shared
             .local
-            .put(
-                &cluster_config_key(&self.peer),
-                accepted.bytes.clone(),
-                lease,
-            )
+            .put(&cluster_config_key(&self.peer), accepted.to_vec(), lease)
             .await
             .map_err(local_error)?;
         self.mirrored_config = Some(state);
@@ -1074,7 +1022,7 @@ impl Mirror {
         match local::drain_peer(&self.shared.local, &self.peer, true).await {
             Ok(()) => {
                 self.refusal_drained = true;
-                self.accepted = None;
+                self.gate.forget();
                 self.mirrored_config = None;
                 self.mirrored_heartbeat = None;
                 for state in self.kinds.values_mut() {
@@ -1236,6 +1184,7 @@ impl fmt::Debug for Mirror {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use model::PeerError;
 
     #[test]
     fn canary_keys_name_their_kind() {
@@ -1275,9 +1224,9 @@ mod tests {
 
     #[test]
     fn chain_joins_sources_once() {
-        let error = MirrorError::Refused(PeerError::SameName {
+        let error = MirrorError::Config(ConfigRefusal::Refused(PeerError::SameName {
             name: ClusterName::new("a").unwrap(),
-        });
+        }));
         assert_eq!(
             chain(&error),
             "peer refused: peer a has this cluster's own name"

@@ -19,13 +19,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use model::keys::{cluster_config_key, parse_heartbeat_cache_key, parse_peer_status_key};
+use model::keys::{parse_heartbeat_cache_key, parse_peer_status_key};
 use model::{
-    ClusterConfig, ClusterName, Kind, PeerStatus, validate_cluster_config, validate_entry,
-    validate_key,
+    ClusterConfig, ClusterName, Kind, PeerStatus, error_chain, validate_entry, validate_key,
 };
 
-use peer_follow::Claims;
+use peer_follow::{Claims, ConfigGate, Verdict};
 
 use crate::state::{EntryChange, PeerPart};
 
@@ -156,8 +155,9 @@ pub enum PeerUpdate {
 pub struct PeerTracker {
     peer: ClusterName,
     layout: Layout,
-    local: ClusterConfig,
-    config: Option<ClusterConfig>,
+    /// The peer's accepted config (claiming its id among direct peers; kvstoremesh has
+    /// already done that for its cache).
+    gate: ConfigGate,
     refused: bool,
     canaries: BTreeSet<Kind>,
     staging: PeerPart,
@@ -166,19 +166,15 @@ pub struct PeerTracker {
     listing: bool,
     synced: bool,
     mesh_status_seen: bool,
-    /// The cluster ids of the other peers read the same way, when this tracker must claim
-    /// its peer's (direct reads; kvstoremesh has already done it for its cache).
-    claims: Option<Arc<Claims>>,
 }
 
 impl PeerTracker {
     /// A tracker for `peer`, read with `layout`, checked against the local cluster's config.
     pub fn new(peer: ClusterName, layout: Layout, local: ClusterConfig) -> Self {
         PeerTracker {
+            gate: ConfigGate::new(peer.clone(), local, None),
             peer,
             layout,
-            local,
-            config: None,
             refused: false,
             canaries: BTreeSet::new(),
             staging: PeerPart::default(),
@@ -186,14 +182,15 @@ impl PeerTracker {
             listing: false,
             synced: false,
             mesh_status_seen: false,
-            claims: None,
         }
     }
 
     /// The same tracker, refusing a peer whose cluster id another peer in `claims` holds.
-    pub fn with_claims(mut self, claims: Arc<Claims>) -> Self {
-        self.claims = Some(claims);
-        self
+    pub fn with_claims(self, claims: Arc<Claims>) -> Self {
+        PeerTracker {
+            gate: self.gate.with_claims(claims),
+            ..self
+        }
     }
 
     /// The peer.
@@ -205,7 +202,7 @@ impl PeerTracker {
     pub fn phase(&self) -> Phase {
         if self.refused {
             Phase::Refused
-        } else if self.config.is_none() {
+        } else if self.gate.accepted().is_none() {
             Phase::Waiting
         } else if self.synced {
             Phase::Synced
@@ -216,7 +213,7 @@ impl PeerTracker {
 
     /// The accepted config.
     pub fn config(&self) -> Option<&ClusterConfig> {
-        self.config.as_ref()
+        self.gate.accepted()
     }
 
     /// The entries collected so far (complete once synced).
@@ -253,14 +250,14 @@ impl PeerTracker {
     }
 
     fn required_canaries(&self) -> bool {
-        match (self.layout, &self.config) {
+        match (self.layout, self.gate.accepted()) {
             (Layout::Direct, Some(config)) if !config.capabilities.sync_canaries => true,
             _ => USED_KINDS.iter().all(|k| self.canaries.contains(k)),
         }
     }
 
     fn try_publish(&mut self, out: &mut Vec<PeerUpdate>) {
-        if self.synced || self.listing || self.refused || self.config.is_none() {
+        if self.synced || self.listing || self.refused || self.gate.accepted().is_none() {
             return;
         }
         if !self.required_canaries() {
@@ -325,23 +322,13 @@ impl PeerTracker {
 
     fn config_written(&mut self, value: &[u8], out: &mut Vec<PeerUpdate>) {
         let before = self.phase();
-        let key = cluster_config_key(&self.peer);
-        let checked = validate_cluster_config(&key, value, &self.peer)
-            .map_err(|e| e.to_string())
-            .and_then(|config| {
-                self.local
-                    .check_peer(&config)
-                    .map(|()| config)
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|config| self.claim(config));
-        match checked {
-            Ok(config) => {
-                if self.config.as_ref() == Some(&config) && !self.refused {
+        match self.gate.offer(value) {
+            Ok(Verdict::Unchanged) => return,
+            Ok(Verdict::Accepted { .. }) => {
+                let Some(config) = self.gate.accepted().cloned() else {
                     return;
-                }
+                };
                 let was_synced = self.synced;
-                self.config = Some(config.clone());
                 self.refused = false;
                 self.revalidate(out);
                 out.push(PeerUpdate::Config {
@@ -365,11 +352,9 @@ impl PeerTracker {
                     self.try_publish(out);
                 }
             }
-            Err(error) => {
+            Err(refusal) => {
+                let error = error_chain(&refusal);
                 tracing::warn!(peer = %self.peer, %error, "peer refused; nothing of it is used");
-                if let Some(claims) = &self.claims {
-                    claims.release(&self.peer);
-                }
                 // Keep the entries (unvalidated) in case the config is fixed.
                 let staged = std::mem::take(&mut self.staging);
                 for entry in staged.entries() {
@@ -386,23 +371,6 @@ impl PeerTracker {
             }
         }
         self.phase_changed(before, out);
-    }
-
-    /// Claims the peer's cluster id, if this tracker must; releases its claim on refusal.
-    fn claim(&self, config: ClusterConfig) -> Result<ClusterConfig, String> {
-        let Some(claims) = &self.claims else {
-            return Ok(config);
-        };
-        match claims.claim(&self.peer, config.id) {
-            Ok(()) => Ok(config),
-            Err(other) => {
-                claims.release(&self.peer);
-                Err(format!(
-                    "peer {} uses cluster id {}, which peer {other} already uses; refused",
-                    self.peer, config.id
-                ))
-            }
-        }
     }
 
     /// Checks every held entry against the (new) config.
@@ -427,7 +395,7 @@ impl PeerTracker {
         value: &[u8],
         out: &mut Vec<PeerUpdate>,
     ) -> Option<EntryChange> {
-        let config = self.config.as_ref()?;
+        let config = self.gate.accepted()?;
         match validate_entry(kind, key, value, config) {
             Ok(entry) => {
                 self.staging.upsert(entry.clone());
@@ -456,7 +424,7 @@ impl PeerTracker {
         if !USED_KINDS.contains(&kind) {
             return;
         }
-        let change = match (value, self.config.is_some() && !self.refused) {
+        let change = match (value, self.gate.accepted().is_some() && !self.refused) {
             (Some(value), false) => {
                 self.unvalidated.insert(key, (kind, value));
                 None
@@ -468,8 +436,8 @@ impl PeerTracker {
             (Some(value), true) => self.accept(kind, &key, &value, out),
             (None, true) => {
                 let state = self
-                    .config
-                    .as_ref()
+                    .gate
+                    .accepted()
                     .and_then(|config| validate_key(kind, &key, config).ok());
                 state.and_then(|state| {
                     self.staging
