@@ -386,7 +386,7 @@ async fn e2e_cache(o: &Options, rows: &mut Vec<Row>) {
                 e.encode(),
             ));
         }
-        for kind in [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip] {
+        for kind in Kind::CORE {
             ops.push(Op::put(
                 kind.cache_canary_key(&config.name),
                 b"2026-01-01T00:00:00Z".to_vec(),

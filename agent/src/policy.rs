@@ -29,8 +29,8 @@ use cluster_source::{CiliumNetworkPolicy, L4Protocol, NamespacedName, PortProtoc
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mesh_translate::NAMESPACE_LABEL_KEY;
 use model::label::CLUSTER_LABEL_KEY;
+use model::label::NAMESPACE_LABEL_KEY;
 use model::{ClusterName, Label, NumericIdentity};
 
 use crate::tables::{

@@ -116,7 +116,7 @@ fn entries(b: &ClusterConfig, octets: &[u8]) -> Vec<Op<Vec<u8>>> {
 }
 
 fn canaries(b: &ClusterConfig, present: bool) -> Vec<Op<Vec<u8>>> {
-    [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip]
+    Kind::CORE
         .iter()
         .map(|k| {
             let key = k.cache_canary_key(&b.name);

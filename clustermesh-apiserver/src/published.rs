@@ -505,7 +505,7 @@ mod tests {
         assert!(published.is_empty());
         assert_eq!(
             published.entries.keys().copied().collect::<Vec<_>>(),
-            [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip]
+            Kind::CORE
         );
     }
 

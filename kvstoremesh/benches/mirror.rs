@@ -273,7 +273,7 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     peer_client.raw().put(&b.key(), &b.encode(), None).await?;
     write_all(&peer_client, published).await?;
-    for kind in [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip] {
+    for kind in Kind::CORE {
         peer_client
             .raw()
             .put(&kind.state_canary_key(&b.name), &b"now".to_vec(), None)

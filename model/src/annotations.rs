@@ -105,7 +105,8 @@ pub enum AnnotationWarning {
 const BOOL_VALUES: &str = "\"true\" or \"false\"";
 const AFFINITY_VALUES: &str = "\"local\", \"remote\" or \"none\"";
 
-fn parse_bool(value: &str) -> Option<bool> {
+/// `true` or `false`, any case, as Cilium reads its boolean annotations.
+pub fn parse_bool(value: &str) -> Option<bool> {
     if value.eq_ignore_ascii_case("true") {
         Some(true)
     } else if value.eq_ignore_ascii_case("false") {

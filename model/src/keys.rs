@@ -68,6 +68,10 @@ impl Kind {
         Kind::ServiceExports,
     ];
 
+    /// The kinds every cluster publishes and every agent reads; service exports are
+    /// published only by clusters with that capability, for MCS-API consumers.
+    pub const CORE: [Kind; 4] = [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip];
+
     /// The kind's key segment: `nodes`, `services`, `identities`, `ip`, `serviceexports`.
     pub const fn name(self) -> &'static str {
         match self {

@@ -13,6 +13,9 @@ pub const K8S_SOURCE: &str = "k8s";
 /// Key of the label naming the cluster an identity belongs to; policies select peers by it.
 pub const CLUSTER_LABEL_KEY: &str = "io.cilium.k8s.policy.cluster";
 
+/// Key of the label every identity carries with its pods' namespace; policies select by it.
+pub const NAMESPACE_LABEL_KEY: &str = "io.kubernetes.pod.namespace";
+
 /// Text that is not a `source:key[=value]` label.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LabelError {

@@ -31,7 +31,7 @@ use cluster_source::{ClusterObjects, NamespacedName, ObjectKind, ObjectRef};
 use model::{ClusterConfig, Identity, Node};
 
 pub use identity::{AllocError, IdentityAllocator, LabelSet};
-pub use pods::{IpFact, NAMESPACE_LABEL_KEY};
+pub use pods::IpFact;
 pub use services::{NAMESPACE_GLOBAL_ANNOTATION, ServiceFact};
 
 /// What shapes the translation besides the objects.

@@ -12,13 +12,11 @@ use std::sync::Arc;
 use cluster_source::{ClusterObjects, NamespacedName, ObjectKind};
 use k8s_openapi::api::core::v1::Pod;
 use model::label::K8S_SOURCE;
+use model::label::NAMESPACE_LABEL_KEY;
 use model::{DnsLabel, DnsSubdomain, Identity, IpIdentity, IpPrefix, Label, NumericIdentity};
 
 use super::{Facts, TranslateConfig, Warning, object_name};
 use crate::identity::{AllocError, IdentityAllocator, LabelSet};
-
-/// The label every identity carries with its pods' namespace; policies select by it.
-pub const NAMESPACE_LABEL_KEY: &str = "io.kubernetes.pod.namespace";
 
 /// Keys under this prefix (the cluster label, service account, namespace labels) are set by
 /// the mesh, never by a pod: a pod setting them could pose as another cluster's workload.

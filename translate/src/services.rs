@@ -8,6 +8,7 @@ use std::sync::Arc;
 use cluster_source::{ClusterObjects, NamespacedName, ObjectKind};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use model::annotations::parse_bool;
 use model::{
     Affinity, Backend, ClusterService, DnsLabel, DnsSubdomain, L4Port, PortMap, Protocol,
     ServiceMeshOptions, parse_service_annotations,
@@ -174,16 +175,6 @@ fn namespace_globals<'a>(
         globals.insert(name.as_str(), value);
     }
     globals
-}
-
-fn parse_bool(value: &str) -> Option<bool> {
-    if value.eq_ignore_ascii_case("true") {
-        Some(true)
-    } else if value.eq_ignore_ascii_case("false") {
-        Some(false)
-    } else {
-        None
-    }
 }
 
 impl ServiceFact {

@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use tracker::{KeyClass, Layout, PeerTracker, PeerUpdate, Phase, Signal, USED_KINDS};
+pub use tracker::{KeyClass, Layout, PeerTracker, PeerUpdate, Phase, Signal};
 
 /// Where peers' state is read from.
 #[derive(Clone, Debug)]

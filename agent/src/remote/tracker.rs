@@ -28,9 +28,6 @@ use peer_follow::{Claims, ConfigGate, Verdict};
 
 use crate::state::{EntryChange, PeerPart};
 
-/// The kinds the agent reads from every peer (and waits for the canaries of).
-pub const USED_KINDS: [Kind; 4] = [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip];
-
 /// Where a peer's state is read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -252,7 +249,7 @@ impl PeerTracker {
     fn required_canaries(&self) -> bool {
         match (self.layout, self.gate.accepted()) {
             (Layout::Direct, Some(config)) if !config.capabilities.sync_canaries => true,
-            _ => USED_KINDS.iter().all(|k| self.canaries.contains(k)),
+            _ => Kind::CORE.iter().all(|k| self.canaries.contains(k)),
         }
     }
 
@@ -421,7 +418,7 @@ impl PeerTracker {
         value: Option<Vec<u8>>,
         out: &mut Vec<PeerUpdate>,
     ) {
-        if !USED_KINDS.contains(&kind) {
+        if !Kind::CORE.contains(&kind) {
             return;
         }
         let change = match (value, self.gate.accepted().is_some() && !self.refused) {
@@ -596,7 +593,7 @@ mod tests {
     }
 
     fn canaries(tracker: &mut PeerTracker, out: &mut Vec<PeerUpdate>) {
-        for kind in USED_KINDS {
+        for kind in Kind::CORE {
             tracker.handle(
                 Signal::Canary {
                     kind,
@@ -856,7 +853,7 @@ mod tests {
             classify(Layout::Cache, &heartbeat_cache_key(&b)),
             Some(KeyClass::Heartbeat(Some(b.clone())))
         );
-        for kind in USED_KINDS {
+        for kind in Kind::CORE {
             assert_eq!(
                 classify(Layout::Cache, &kind.cache_canary_key(&b)),
                 Some(KeyClass::Canary(b.clone(), kind))

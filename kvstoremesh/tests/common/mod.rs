@@ -137,7 +137,7 @@ impl Peer {
     }
 
     pub async fn canaries(&self) {
-        for kind in [Kind::Nodes, Kind::Services, Kind::Identities, Kind::Ip] {
+        for kind in Kind::CORE {
             self.put(
                 &kind.state_canary_key(self.name()),
                 b"2026-01-01T00:00:00Z".to_vec(),
