@@ -162,7 +162,10 @@ fn snapshot(files: &TlsFiles) -> Vec<Option<Vec<u8>>> {
 }
 
 async fn reload_on_change(files: TlsFiles, current: Current, cancel: CancellationToken) {
-    let mut seen = snapshot(&files);
+    // Nothing seen yet: the first tick (at once) loads the files again, so a change made
+    // between building the first configuration and this task starting (a CA bundle
+    // rewritten by `clustermesh connect` while the store starts) is not missed.
+    let mut seen = Vec::new();
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
     loop {
         tokio::select! {
@@ -176,8 +179,10 @@ async fn reload_on_change(files: TlsFiles, current: Current, cancel: Cancellatio
         match files.server_config() {
             Ok(config) => {
                 *current.write().unwrap_or_else(|e| e.into_inner()) = config;
+                if !seen.is_empty() {
+                    tracing::info!(cert = %files.cert.display(), "reloaded TLS certificates");
+                }
                 seen = now;
-                tracing::info!(cert = %files.cert.display(), "reloaded TLS certificates");
             }
             // A rotation in progress (the key written, the certificate not yet): keep serving
             // with the old material and look again at the next tick.
