@@ -3,6 +3,8 @@
 
 mod agent_cmd;
 mod certs_cmd;
+mod dev_cmd;
+mod mesh_cmd;
 mod store_cmd;
 
 use std::process::ExitCode;
@@ -37,6 +39,19 @@ enum Command {
     /// Show a node agent's desired-state tables (from its local API).
     #[command(subcommand)]
     Agent(agent_cmd::AgentCommand),
+    /// Make a cluster's certificates and trust bundle, ready for `connect`.
+    Enable(mesh_cmd::EnableArgs),
+    /// Let clusters read each other: exchange endpoints, CAs and client identities.
+    Connect(mesh_cmd::ConnectArgs),
+    /// Undo `connect` (also when the other side is dead).
+    Disconnect(mesh_cmd::ConnectArgs),
+    /// Show every cluster's daemons, peers and nodes, with causes and hints.
+    Status(mesh_cmd::StatusArgs),
+    /// Check certificates, peer stores, id conflicts and clock skew; say what to fix.
+    Troubleshoot(mesh_cmd::TroubleshootArgs),
+    /// Local clusters without Kubernetes (root): up, apply, exec, down.
+    #[command(subcommand)]
+    Dev(dev_cmd::DevCommand),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +71,15 @@ fn main() -> ExitCode {
         Command::Certs(cmd) => certs_cmd::run(cmd),
         Command::Store(cmd) => store_cmd::run(cmd),
         Command::Agent(cmd) => agent_cmd::run(cmd),
+        Command::Enable(args) => mesh_cmd::enable(args),
+        Command::Connect(args) => mesh_cmd::connect(args),
+        Command::Disconnect(args) => mesh_cmd::disconnect(args),
+        Command::Status(args) => mesh_cmd::status(args),
+        Command::Troubleshoot(args) => mesh_cmd::troubleshoot(args),
+        Command::Dev(cmd) => match dev_cmd::run(cmd) {
+            Ok(code) => return code,
+            Err(err) => Err(err),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,7 +88,8 @@ fn main() -> ExitCode {
             let usage = err
                 .downcast_ref::<certs::Error>()
                 .is_some_and(certs::Error::is_usage)
-                || store_cmd::is_usage(&err);
+                || store_cmd::is_usage(&err)
+                || mesh_cmd::is_usage(&err);
             ExitCode::from(if usage { EXIT_USAGE } else { 1 })
         }
     }

@@ -53,6 +53,22 @@ fn build(package: &str, bin_name: &str) -> Result<PathBuf, Error> {
         .args(["build", "--quiet", "-p", package, "--bin", bin_name])
         .arg("--target-dir")
         .arg(target_dir);
+    // Not the variables cargo set for this test's own package: build scripts that watch
+    // them (ring's watches CARGO_MANIFEST_DIR) would rerun, and everything above them would
+    // be rebuilt here and again by the next `cargo test`.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key == "CARGO_MANIFEST_DIR"
+            || key == "CARGO_MANIFEST_PATH"
+            || key == "CARGO_CRATE_NAME"
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         command.arg("--release");
     }

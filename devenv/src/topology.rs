@@ -235,7 +235,7 @@ impl ClusterSpec {
     pub fn kind_config(&self) -> String {
         let mut out = format!(
             "# The {} cluster of this topology as a kind cluster (generated from the topology;\n\
-             # `cargo test -p mesh-e2e` checks it is current). Install Cilium with\n\
+             # `cargo test -p mesh-devenv` checks it is current). Install Cilium with\n\
              # cluster.name={} cluster.id={} and the same subnets.\n\
              kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\nname: {}\nnetworking:\n  \
              disableDefaultCNI: true\n  podSubnet: {}\n  serviceSubnet: {}\nnodes:\n",

@@ -1,0 +1,24 @@
+//! Local multi-cluster environments without Kubernetes (`clustermesh dev up|apply|exec|down`).
+//!
+//! - [`topology`]: the `kind-configs/<name>.yaml` format: which clusters, their ids, pod and
+//!   service CIDRs and nodes; validated as a whole, with every node's pod CIDR and underlay
+//!   address derived from it, and the same topology as real `kind` cluster configs.
+//! - [`env`]: an environment built from a topology: per cluster an apiserver hosting its
+//!   store and a kvstoremesh, per node a network namespace on a shared bridge with its agent
+//!   and eBPF datapath, pods attached by `clustermesh-cni` running `mesh-echo`; `apply`,
+//!   `exec` and `down`.
+//! - [`manifests`]: a cluster's objects written as Kubernetes holds them (pods with their
+//!   addresses, services with cluster IPs, EndpointSlices from selectors and readiness).
+//! - [`record`]: what an environment made, recorded before it is made, and its teardown.
+//! - [`home`]: the mesh home, its contexts and the current context (the CLI's contract).
+//! - [`sys`]: host operations: commands, namespaces, cgroups, detached processes.
+
+pub mod env;
+pub mod home;
+pub mod manifests;
+pub mod record;
+pub mod sys;
+pub mod topology;
+
+pub use env::{Binaries, DevError, Env, EnvState, Naming, UpOptions, down};
+pub use home::MeshHome;
