@@ -7,16 +7,19 @@
 //! - [`gate`]: the one check before anything of a peer is used: its cluster config;
 //! - [`claims`]: one cluster id per peer across every peer followed;
 //! - [`witness`]: whether a store is still the one a resume point belongs to;
+//! - [`probe`]: the periodic look at a peer's store (identity, config, heartbeat);
 //! - [`backoff`]: reconnect delays.
 
 pub mod backoff;
 pub mod claims;
 pub mod directory;
 pub mod gate;
+pub mod probe;
 pub mod witness;
 
 pub use backoff::Backoff;
 pub use claims::Claims;
 pub use directory::{DirChange, PeerDirectory, Scan};
 pub use gate::{ConfigGate, ConfigRefusal, Verdict};
+pub use probe::{Heartbeat, Probe, probe};
 pub use witness::{KeyVersion, StoreWitness};

@@ -29,7 +29,7 @@ use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
 
 use daemon::error_chain as chain;
-use peer_follow::{Backoff, Claims, ConfigGate, ConfigRefusal, KeyVersion, StoreWitness, Verdict};
+use peer_follow::{Backoff, Claims, ConfigGate, ConfigRefusal, Heartbeat, StoreWitness, Verdict};
 
 use crate::Timing;
 use crate::board::Board;
@@ -39,8 +39,6 @@ use crate::status::{self, rfc3339};
 
 /// Watch events applied to the local store in one batch, at most.
 const MAX_EVENT_BATCH: usize = 4096;
-/// Largest heartbeat value mirrored (publishers write an RFC 3339 time).
-const MAX_HEARTBEAT_BYTES: usize = 256;
 /// A session connected this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Warnings about refused entries per peer per window, before they are only counted.
@@ -147,14 +145,6 @@ struct KindState {
     relist_reason: Option<&'static str>,
     /// The cache keys of this kind.
     keys: HashSet<String>,
-}
-
-/// Whether reading the config changed anything.
-#[derive(Debug, PartialEq, Eq)]
-enum ConfigRead {
-    Unchanged,
-    Changed,
-    StoreReplaced,
 }
 
 /// Rate-limits warnings about refused entries, so a hostile peer cannot flood the log.
@@ -389,16 +379,16 @@ impl Mirror {
         }
         let raw = client.raw();
 
-        // The store first: a replaced store invalidates every revision we hold.
-        let store = client.status().await.map_err(peer_error)?;
-        if let Some(reason) = self.witness.check_status(&store) {
-            self.store_replaced(&reason);
+        // The store first (a replaced store invalidates every revision we hold), then who
+        // the peer is, before anything of it is read.
+        let found = peer_follow::probe(client, &self.peer, &mut self.witness)
+            .await
+            .map_err(peer_error)?;
+        if let Some(reason) = &found.replaced {
+            self.store_replaced(reason);
         }
-        // Then who the peer is, before anything of it is read.
-        if self.read_config(&raw, store.revision).await? == ConfigRead::StoreReplaced {
-            self.store_replaced("its cluster config has another history");
-        }
-        self.mirror_heartbeat(&raw).await?;
+        self.accept_config(found.config).await?;
+        self.mirror_heartbeat(found.heartbeat).await?;
         self.set_connected();
         self.publish_status(true).await;
 
@@ -500,7 +490,7 @@ impl Mirror {
                     self.on_events(first, &raw, &mut streams).await?;
                 }
                 _ = probe.tick() => {
-                    self.probe(client, &raw).await?;
+                    self.probe(client).await?;
                     self.publish_status(false).await;
                 }
             }
@@ -532,29 +522,17 @@ impl Mirror {
         self.reset_kinds("store-replaced");
     }
 
-    /// Reads, validates and mirrors the peer's cluster config.
-    async fn read_config(
-        &mut self,
-        raw: &TypedClient<RawCodec>,
-        read_after: i64,
-    ) -> Result<ConfigRead, End> {
-        let key = cluster_config_key(&self.peer);
-        let Some(entry) = raw.get(&key).await.map_err(peer_error)? else {
+    /// Validates and mirrors the peer's cluster config (`None`: not published); says whether
+    /// a new config was accepted.
+    async fn accept_config(&mut self, config: Option<Vec<u8>>) -> Result<bool, End> {
+        let Some(value) = config else {
             return Err(config_error(MirrorError::ConfigMissing {
                 peer: self.peer.clone(),
-                key,
+                key: cluster_config_key(&self.peer),
             }));
         };
-        let version = KeyVersion {
-            create_revision: entry.create_revision,
-            mod_revision: entry.mod_revision,
-            lease: entry.lease,
-        };
-        let mut outcome = ConfigRead::Unchanged;
-        if self.witness.check_config(version, read_after) {
-            outcome = ConfigRead::StoreReplaced;
-        }
-        let layout_changed = match self.gate.offer(&entry.value) {
+        let mut changed = false;
+        let layout_changed = match self.gate.offer(&value) {
             Ok(Verdict::Unchanged) => None,
             Ok(Verdict::Accepted { layout_changed }) => Some(layout_changed),
             Err(refusal) => return Err(config_error(MirrorError::Config(refusal))),
@@ -581,12 +559,10 @@ impl Mirror {
             self.status.refused = false;
             self.metrics.refused.set(0);
             self.refusal_drained = false;
-            if outcome == ConfigRead::Unchanged {
-                outcome = ConfigRead::Changed;
-            }
+            changed = true;
         }
         self.mirror_config().await?;
-        Ok(outcome)
+        Ok(changed)
     }
 
     /// Writes the accepted config to `cilium/cluster-config/<peer>` if it is not there
@@ -609,28 +585,25 @@ impl Mirror {
     }
 
     /// Copies the peer's `cilium/.heartbeat` to `cilium/cache/heartbeat/<peer>`.
-    async fn mirror_heartbeat(&mut self, raw: &TypedClient<RawCodec>) -> Result<(), End> {
+    async fn mirror_heartbeat(&mut self, heartbeat: Heartbeat) -> Result<(), End> {
         let Some(lease) = self.lease else {
             return Ok(());
         };
-        let value = raw
-            .get(HEARTBEAT_KEY)
-            .await
-            .map_err(peer_error)?
-            .map(|e| e.value);
-        if let Some(bytes) = &value
-            && (bytes.len() > MAX_HEARTBEAT_BYTES || std::str::from_utf8(bytes).is_err())
-        {
-            if self.log_limit.allow().is_some() {
-                tracing::warn!(
-                    peer = %self.peer,
-                    key = HEARTBEAT_KEY,
-                    bytes = bytes.len(),
-                    "refused the peer's heartbeat: not short UTF-8 text"
-                );
+        let value = match heartbeat {
+            Heartbeat::Absent => None,
+            Heartbeat::Valid(bytes) => Some(bytes),
+            Heartbeat::Refused { bytes } => {
+                if self.log_limit.allow().is_some() {
+                    tracing::warn!(
+                        peer = %self.peer,
+                        key = HEARTBEAT_KEY,
+                        bytes,
+                        "refused the peer's heartbeat: not short UTF-8 text"
+                    );
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
+        };
         let state = (value.as_deref().map(digest), lease.generation);
         if self.mirrored_heartbeat == Some(state) {
             return Ok(());
@@ -647,25 +620,18 @@ impl Mirror {
 
     /// The periodic check: the peer answers, is the same store, has the same config; and
     /// the heartbeat is copied.
-    async fn probe(
-        &mut self,
-        client: &StoreClient,
-        raw: &TypedClient<RawCodec>,
-    ) -> Result<(), End> {
-        let store = client.status().await.map_err(peer_error)?;
-        if let Some(reason) = self.witness.check_status(&store) {
+    async fn probe(&mut self, client: &StoreClient) -> Result<(), End> {
+        let found = peer_follow::probe(client, &self.peer, &mut self.witness)
+            .await
+            .map_err(peer_error)?;
+        if let Some(reason) = found.replaced {
             self.store_replaced(&reason);
             return Err(End::Restart("store-replaced"));
         }
-        match self.read_config(raw, store.revision).await? {
-            ConfigRead::Unchanged => {}
-            ConfigRead::Changed => return Err(End::Restart("config-changed")),
-            ConfigRead::StoreReplaced => {
-                self.store_replaced("its cluster config has another history");
-                return Err(End::Restart("store-replaced"));
-            }
+        if self.accept_config(found.config).await? {
+            return Err(End::Restart("config-changed"));
         }
-        self.mirror_heartbeat(raw).await
+        self.mirror_heartbeat(found.heartbeat).await
     }
 
     /// Lists one kind of the peer, makes the cache equal to it (writing only what differs,

@@ -24,11 +24,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use kvstore::client::{ClientConfig, MergeError, MergedWatch, StoreClient, WatchStream};
-use model::keys::{
-    CACHE_ROOT, CLUSTER_CONFIG_ROOT, HEARTBEAT_KEY, STATE_ROOT, SYNCED_ROOT, cluster_config_key,
-};
+use model::keys::{CACHE_ROOT, CLUSTER_CONFIG_ROOT, STATE_ROOT, SYNCED_ROOT};
 use model::{ClusterConfig, ClusterName};
-use peer_follow::{Backoff, Claims, DirChange, KeyVersion, PeerDirectory, StoreWitness};
+use peer_follow::{Backoff, Claims, DirChange, Heartbeat, PeerDirectory, StoreWitness};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -158,7 +156,7 @@ async fn merged_watch(
     client: &StoreClient,
     prefixes: &[String],
     from: i64,
-    progress: Duration,
+    timing: &WatchTiming,
     layout: Layout,
 ) -> Result<MergedWatch<WatchStream<Vec<u8>>>, RemoteError> {
     /// Writes that may overtake other watches: anything but a canary.
@@ -169,6 +167,7 @@ async fn merged_watch(
         Layout::Cache => |key| early(Layout::Cache, key),
         Layout::Direct => |key| early(Layout::Direct, key),
     };
+    let progress = timing.progress_interval;
     Ok(MergedWatch::open(&client.raw(), prefixes, from, progress, early).await?)
 }
 
@@ -442,14 +441,7 @@ async fn cache_session(
             revision + 1
         }
     };
-    let mut watch = merged_watch(
-        client,
-        &prefixes,
-        from,
-        timing.progress_interval,
-        Layout::Cache,
-    )
-    .await?;
+    let mut watch = merged_watch(client, &prefixes, from, timing, Layout::Cache).await?;
     *resume = Some(from);
     *connected = true;
     backoff.reset();
@@ -689,48 +681,34 @@ struct DirectSession {
 }
 
 impl DirectSession {
-    /// Checks the peer's store is still the one followed, reads its config and heartbeat,
-    /// and signals what changed. A refused config is signalled again, so a refusal that
-    /// another peer caused (an id clash) ends when that peer gives the id up.
+    /// Looks at the peer's store ([`peer_follow::probe`]) and signals what changed in its
+    /// config and heartbeat; says why the store was replaced, if it was. A refused config is
+    /// signalled again, so a refusal that another peer caused (an id clash) ends when that
+    /// peer gives the id up.
     async fn probe(
         &mut self,
         client: &StoreClient,
         out: &mut Vec<PeerUpdate>,
-    ) -> Result<(), RemoteError> {
-        let raw = client.raw();
-        let status = client.status().await?;
+    ) -> Result<Option<String>, RemoteError> {
         if let Some(next) = self.resume {
             self.witness.note_revision(next - 1);
         }
-        if let Some(reason) = self.witness.check_status(&status) {
-            return Err(RemoteError::Replaced(reason));
-        }
-        let entry = raw.get(&cluster_config_key(&self.peer)).await?;
-        if let Some(entry) = &entry {
-            let version = KeyVersion {
-                create_revision: entry.create_revision,
-                mod_revision: entry.mod_revision,
-                lease: entry.lease,
-            };
-            if self.witness.check_config(version, status.revision) {
-                return Err(RemoteError::Replaced(
-                    "its cluster config has another history".to_owned(),
-                ));
+        let found = peer_follow::probe(client, &self.peer, &mut self.witness).await?;
+        if found.config != self.config || self.tracker.phase() == Phase::Refused {
+            self.config = found.config.clone();
+            if found.config.is_some() {
+                self.tracker.handle(Signal::Config(found.config), out);
             }
         }
-        let config = entry.map(|e| e.value);
-        if config != self.config || self.tracker.phase() == Phase::Refused {
-            self.config = config.clone();
-            if config.is_some() {
-                self.tracker.handle(Signal::Config(config), out);
-            }
-        }
-        let heartbeat = raw.get(HEARTBEAT_KEY).await?.map(|e| e.value);
+        let heartbeat = match found.heartbeat {
+            Heartbeat::Valid(bytes) => Some(bytes),
+            Heartbeat::Absent | Heartbeat::Refused { .. } => None,
+        };
         if heartbeat.is_some() && heartbeat != self.heartbeat {
             self.tracker.handle(Signal::Heartbeat, out);
         }
         self.heartbeat = heartbeat;
-        Ok(())
+        Ok(found.replaced)
     }
 
     fn route(&mut self, signals: Vec<(Option<ClusterName>, Signal)>, out: &mut Vec<PeerUpdate>) {
@@ -748,9 +726,11 @@ impl DirectSession {
         tx: &mpsc::Sender<Vec<PeerUpdate>>,
         backoff: &mut Backoff,
     ) -> Result<(), RemoteError> {
-        check_store(client, &mut self.witness, &mut self.resume).await?;
         let mut out = Vec::new();
-        self.probe(client, &mut out).await?;
+        if let Some(reason) = self.probe(client, &mut out).await? {
+            tracing::info!(reason, "the peer's store was replaced; listing again");
+            self.resume = None;
+        }
         flush(tx, &mut out).await?;
         // A peer without a usable config counts as not connected: it cannot be used.
         if matches!(self.tracker.phase(), Phase::Waiting | Phase::Refused) {
@@ -781,14 +761,7 @@ impl DirectSession {
                 revision + 1
             }
         };
-        let mut watch = merged_watch(
-            client,
-            &prefixes,
-            from,
-            timing.progress_interval,
-            Layout::Direct,
-        )
-        .await?;
+        let mut watch = merged_watch(client, &prefixes, from, timing, Layout::Direct).await?;
         self.resume = Some(from);
         backoff.reset();
         let mut probe = tokio::time::interval(timing.probe_interval);
@@ -804,7 +777,11 @@ impl DirectSession {
                         return Err(error);
                     }
                 }
-                _ = probe.tick() => self.probe(client, &mut out).await?,
+                _ = probe.tick() => {
+                    if let Some(reason) = self.probe(client, &mut out).await? {
+                        return Err(RemoteError::Replaced(reason));
+                    }
+                }
             }
             flush(tx, &mut out).await?;
         }
