@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Makes sure the Debian packages the build and the tests need are present.
 # As root it installs what is missing; otherwise it names exactly what to install.
-# Usage: scripts/ensure-deps.sh build|test
+# Usage: scripts/ensure-deps.sh build|demo|test
 set -euo pipefail
 
 need=(protobuf-compiler)                       # etcd-client's build script runs protoc
+if [[ "${1:-build}" == demo ]]; then
+  need+=(iproute2 util-linux)                  # clustermesh dev: network namespaces, nsenter
+fi
 if [[ "${1:-build}" == test ]]; then
   need+=(etcd-server etcd-client)              # the conformance suite runs against real etcd 3.4
   need+=(clang libbpf-dev bpftool)             # bpf/build.sh --check; the layout test reads BTF

@@ -264,6 +264,18 @@ fn plan_link(reader: &ClusterContext, target: &ClusterContext) -> Result<Vec<Pla
     ])
 }
 
+/// Every cluster of the mesh context reads every other (`clustermesh dev up --connect`);
+/// no links for a context of one cluster.
+pub fn full_mesh(mesh: &Mesh) -> Result<Vec<Link>, ConnectError> {
+    match mesh.clusters.split_first() {
+        Some((first, rest)) if !rest.is_empty() => {
+            let rest: Vec<ClusterName> = rest.iter().map(|c| c.name.clone()).collect();
+            links(&first.name, &rest, ConnectionMode::Mesh)
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// What `connect` wrote.
 #[derive(Debug, Clone, Default)]
 pub struct Connected {

@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
+use cli::connect;
+use cli::enable::DevCertify;
+use cli::mesh::Mesh;
 use mesh_devenv::{Binaries, Env, MeshHome, UpOptions};
 
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Bring up every cluster of a topology on this machine (root): per cluster an apiserver
     /// with its store and a kvstoremesh, per node a network namespace with its agent and eBPF
-    /// datapath. Returns once every daemon is ready; sets the current context.
+    /// datapath; every store serves mutual TLS with certificates from `clustermesh enable`.
+    /// Returns once every daemon is ready; sets the current context.
     Up {
         /// The topology file (kind-configs/two-clusters.yaml, ...).
         #[arg(short = 'f', long = "file")]
@@ -21,13 +25,58 @@ pub enum DevCommand {
         /// The environment's (and mesh context's) name; the file's stem by default.
         #[arg(long)]
         name: Option<String>,
-        /// Dev shortcut for `clustermesh connect`: write a full mesh of peer files before
-        /// the daemons start.
+        /// Then run `clustermesh connect` for a full mesh (every cluster reads every other).
         #[arg(long)]
         connect: bool,
         /// How long the daemons may take to become ready.
         #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// The agents' withdrawal grace (`clustermesh-agent --grace`): how long a lost peer
+        /// keeps its backends' rank. The agent's default (5s) when not given.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        agent_grace: Option<Duration>,
+    },
+    /// Kill every process of a cluster at once (SIGKILL, as a crash): its apiserver and
+    /// store, kvstoremesh, agents and pods' servers. `revive` starts them again.
+    Kill {
+        /// The cluster.
+        #[arg(short = 'c', long)]
+        cluster: String,
+        /// The environment; the current context by default.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Start again what `kill` killed in a cluster (same flags, ports, data and logs) and
+    /// wait until every daemon is ready.
+    Revive {
+        /// The cluster.
+        #[arg(short = 'c', long)]
+        cluster: String,
+        /// The environment; the current context by default.
+        #[arg(long)]
+        name: Option<String>,
+        /// How long the daemons may take to become ready.
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Cut a cluster off the underlay, as a partition: its nodes' links go down and its
+    /// store's packets are dropped; its processes keep running. `restore` undoes it.
+    Cut {
+        /// The cluster.
+        #[arg(short = 'c', long)]
+        cluster: String,
+        /// The environment; the current context by default.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Put a cluster that `cut` cut off back on the underlay.
+    Restore {
+        /// The cluster.
+        #[arg(short = 'c', long)]
+        cluster: String,
+        /// The environment; the current context by default.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Run workloads in a cluster: Pods, Deployments (replicas spread over the nodes),
     /// Services, Namespaces, NetworkPolicy and CiliumNetworkPolicy objects.
@@ -93,15 +142,16 @@ pub fn run(command: DevCommand) -> anyhow::Result<ExitCode> {
             name,
             connect,
             timeout,
+            agent_grace,
         } => {
             let options = UpOptions {
                 topology: file,
                 name,
-                connect,
                 ready_timeout: timeout,
+                agent_grace,
             };
             let name = options.env_name();
-            let env = Env::up(&home, &binaries()?, &options).map_err(|err| {
+            let env = Env::up(&home, &binaries()?, &options, &DevCertify).map_err(|err| {
                 let made = matches!(err, mesh_devenv::DevError::NotReady { .. })
                     || (home.env_dir(&name).exists()
                         && !matches!(err, mesh_devenv::DevError::Exists { .. }));
@@ -124,7 +174,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<ExitCode> {
             );
             for c in &state.clusters {
                 println!(
-                    "cluster {} (id {}): store http://{}, {} node(s)",
+                    "cluster {} (id {}): store https://{}, {} node(s)",
                     c.name,
                     c.id,
                     c.store,
@@ -136,6 +186,13 @@ pub fn run(command: DevCommand) -> anyhow::Result<ExitCode> {
                 state.name,
                 home.context_dir(&state.name).display()
             );
+            if connect {
+                let mesh = Mesh::load_dir(&state.name, &home.context_dir(&state.name))?;
+                let done = connect::connect(&mesh, &connect::full_mesh(&mesh)?)?;
+                for link in &done.links {
+                    println!("connected: {link}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         DevCommand::Apply {
@@ -168,6 +225,38 @@ pub fn run(command: DevCommand) -> anyhow::Result<ExitCode> {
                 Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
                 None => ExitCode::from(1),
             })
+        }
+        DevCommand::Kill { cluster, name } => {
+            let env = Env::open(&home, &env_name(&home, name)?)?;
+            for line in env.kill_cluster(&cluster)? {
+                println!("killed {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DevCommand::Revive {
+            cluster,
+            name,
+            timeout,
+        } => {
+            let mut env = Env::open(&home, &env_name(&home, name)?)?;
+            for line in env.revive_cluster(&cluster, timeout)? {
+                println!("started {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DevCommand::Cut { cluster, name } => {
+            let env = Env::open(&home, &env_name(&home, name)?)?;
+            for line in env.cut_cluster(&cluster)? {
+                println!("cut {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DevCommand::Restore { cluster, name } => {
+            let env = Env::open(&home, &env_name(&home, name)?)?;
+            for line in env.restore_cluster(&cluster)? {
+                println!("restored {line}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         DevCommand::Down { name } => {
             let name = env_name(&home, name)?;

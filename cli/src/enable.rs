@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use certs::{CERT_MODE, ClusterCertsParams, Identity, TrustBundle, User, WriteMode};
+use certs::{CERT_MODE, ClusterCertsParams, Identity, Issued, TrustBundle, User, WriteMode};
 use model::ClusterContext;
 
 use crate::layout::{self, CertsLayout, FileError};
@@ -205,6 +205,34 @@ pub fn enable(context: &ClusterContext, options: &EnableOptions) -> Result<Enabl
         endpoints: context.endpoints_for_peers().to_vec(),
         server_ca: layout.server_ca(),
     })
+}
+
+/// `enable` as `clustermesh dev up` uses it: each cluster of the environment gets its own
+/// CA (so `connect` joins them by bundle), and its daemons the files `enable` made: the
+/// server identity and trust bundle for the store, `admin-<c>` for the apiserver and
+/// kvstoremesh, `local-<c>` for the agents.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DevCertify;
+
+impl mesh_devenv::Certify for DevCertify {
+    fn certify(
+        &self,
+        context: &ClusterContext,
+    ) -> Result<mesh_devenv::ClusterTls, mesh_devenv::CertifyError> {
+        let enabled = enable(context, &EnableOptions::default())?;
+        let layout = CertsLayout::new(context.name.clone(), &context.certs_dir);
+        let identity = |dir: PathBuf| mesh_devenv::IdentityFiles {
+            cert: dir.join(Issued::CERT_FILE),
+            key: dir.join(Issued::KEY_FILE),
+        };
+        Ok(mesh_devenv::ClusterTls {
+            server: identity(layout.server()),
+            client_ca: enabled.trust_bundle,
+            server_ca: enabled.server_ca,
+            admin: identity(layout.user(&User::Admin(context.name.clone()))),
+            local: identity(layout.user(&User::Local(context.name.clone()))),
+        })
+    }
 }
 
 /// Whether `enable` ran for the cluster: every identity file is there.

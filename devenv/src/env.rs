@@ -3,9 +3,10 @@
 //!
 //! Layout: one Linux bridge per environment is the underlay; the host holds the underlay's
 //! first address on it. Per cluster, a `clustermesh-apiserver` hosting its embedded store
-//! (plain HTTP on the host's underlay address) and a `kvstoremesh`, both in the host's
-//! network namespace. Per node, a network namespace on the bridge (a veth pair) with its
-//! `clustermesh-agent` (`--datapath bpf`, the node's own cgroup and bpffs root), and routes to
+//! (mutual TLS with per-cluster users on the host's underlay address, certificates from the
+//! caller's [`Certify`]) and a `kvstoremesh`, both in the host's network namespace. Per node,
+//! a network namespace on the bridge (a veth pair) with its `clustermesh-agent`
+//! (`--datapath bpf`, the node's own cgroup and bpffs root), and routes to
 //! its cluster's other nodes' pod CIDRs (the agent routes the peers'). Pods are namespaces
 //! attached by `clustermesh-cni` from their node's namespace, each running `mesh-echo serve`
 //! in the node's cgroup.
@@ -27,6 +28,7 @@ use crate::home::{HomeError, MeshHome};
 use crate::manifests::{self, ManifestError, NodeView, Placement, PodPort, PodView, Protocol};
 use crate::record::{Record, RecordError, Resource};
 use crate::sys::{self, Started, SysError};
+use crate::tls::{Certify, CertifyError, ClusterTls};
 use crate::topology::{Topology, TopologyError};
 
 /// Why a dev environment operation failed.
@@ -146,6 +148,14 @@ pub enum DevError {
     /// `down` could not remove some resources.
     #[error("could not remove:\n{0}")]
     Teardown(String),
+    /// A cluster's certificates could not be made.
+    #[error("certificates of cluster {cluster}: {source}")]
+    Certify {
+        /// The cluster.
+        cluster: String,
+        /// Why.
+        source: CertifyError,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
@@ -226,7 +236,7 @@ impl Naming {
         format!("{}br", self.link_prefix())
     }
 
-    fn node_link(&self, index: usize) -> String {
+    pub(crate) fn node_link(&self, index: usize) -> String {
         format!("{}n{index}", self.link_prefix())
     }
 
@@ -234,7 +244,7 @@ impl Naming {
         format!("{}{}", self.prefix(), node.replace('.', "-"))
     }
 
-    fn daemons(&self) -> String {
+    pub(crate) fn daemons(&self) -> String {
         format!("{}daemons", self.prefix())
     }
 
@@ -372,6 +382,9 @@ pub struct EnvState {
     pub host_address: Ipv4Addr,
     /// Its clusters.
     pub clusters: Vec<ClusterState>,
+    /// The agents' `--grace` in milliseconds, when `up` was asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_grace_ms: Option<u64>,
 }
 
 fn cluster_dir(env_dir: &Path, cluster: &str) -> PathBuf {
@@ -385,11 +398,10 @@ pub struct UpOptions {
     pub topology: PathBuf,
     /// The environment's name; the topology file's stem by default.
     pub name: Option<String>,
-    /// Write a full mesh of peer files before the daemons start (the dev shortcut for
-    /// `clustermesh connect`).
-    pub connect: bool,
     /// How long every daemon may take to become ready.
     pub ready_timeout: Duration,
+    /// The agents' withdrawal grace (`clustermesh-agent --grace`); theirs by default.
+    pub agent_grace: Option<Duration>,
 }
 
 impl UpOptions {
@@ -410,9 +422,9 @@ impl UpOptions {
 #[derive(Debug)]
 pub struct Env {
     home: MeshHome,
-    dir: PathBuf,
-    record: Record,
-    state: EnvState,
+    pub(crate) dir: PathBuf,
+    pub(crate) record: Record,
+    pub(crate) state: EnvState,
 }
 
 fn free_port(ip: Ipv4Addr) -> Result<SocketAddr, DevError> {
@@ -467,10 +479,16 @@ fn addresses_within(base: Ipv4Addr, len: u8) -> Result<Vec<String>, DevError> {
 }
 
 impl Env {
-    /// Brings up every cluster of the topology and waits until every daemon is ready.
-    /// Everything made is recorded first; on failure the environment stays (logs included)
-    /// for `down`.
-    pub fn up(home: &MeshHome, bins: &Binaries, options: &UpOptions) -> Result<Env, DevError> {
+    /// Brings up every cluster of the topology, its stores secured with the certificates
+    /// `certify` makes, and waits until every daemon is ready. The clusters are not
+    /// connected: that is `clustermesh connect`'s job. Everything made is recorded first; on
+    /// failure the environment stays (logs included) for `down`.
+    pub fn up(
+        home: &MeshHome,
+        bins: &Binaries,
+        options: &UpOptions,
+        certify: &dyn Certify,
+    ) -> Result<Env, DevError> {
         let text = std::fs::read_to_string(&options.topology).map_err(|source| {
             DevError::TopologyFile {
                 path: options.topology.clone(),
@@ -534,9 +552,12 @@ impl Env {
                 name: name.clone(),
                 host_address,
                 clusters: Vec::new(),
+                agent_grace_ms: options
+                    .agent_grace
+                    .map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX)),
             },
         };
-        env.build(bins, &topology, &naming, options.connect)?;
+        env.build(bins, &topology, &naming, certify)?;
         env.wait_ready(options.ready_timeout)?;
         tracing::info!(env = %name, "ready");
         Ok(env)
@@ -551,7 +572,7 @@ impl Env {
         bins: &Binaries,
         topology: &Topology,
         naming: &Naming,
-        connect: bool,
+        certify: &dyn Certify,
     ) -> Result<(), DevError> {
         let name = self.state.name.clone();
         let logs = self.dir.join("logs");
@@ -585,7 +606,7 @@ impl Env {
         })?;
         std::fs::create_dir(&daemons).map_err(io(&daemons))?;
 
-        // Every cluster's addresses first: peer files name the others' stores.
+        // Every cluster's addresses first.
         for cluster in &topology.clusters {
             let host = self.state.host_address;
             let loopback = Ipv4Addr::LOCALHOST;
@@ -622,22 +643,9 @@ impl Env {
                 });
             }
             self.write_manifests(ci)?;
-            if connect {
-                let peers = cdir.join("peers");
-                for other in &self.state.clusters {
-                    if other.name == spec.name.as_str() {
-                        continue;
-                    }
-                    let file = peers.join(&other.name);
-                    let content = PeerFile {
-                        endpoints: vec![format!("http://{}", other.store)],
-                        ..PeerFile::default()
-                    }
-                    .to_yaml();
-                    std::fs::write(&file, content).map_err(io(&file))?;
-                }
-            }
             let cluster = self.state.clusters[ci].clone();
+            let tls = self.write_context(&cluster, topology, certify)?;
+            let store_url = format!("https://{}", cluster.store);
             let id = cluster.id.to_string();
             let mut apiserver = sys::command_in(None, Some(&daemons), &bins.apiserver);
             apiserver
@@ -646,7 +654,17 @@ impl Env {
                 .arg(cdir.join("manifests"))
                 .args(["--store-listen", &cluster.store.to_string(), "--data-dir"])
                 .arg(cdir.join("data"))
-                .args(["--health-listen", &cluster.apiserver_health.to_string()]);
+                .args(["--health-listen", &cluster.apiserver_health.to_string()])
+                .arg("--store-cert")
+                .arg(&tls.server.cert)
+                .arg("--store-key")
+                .arg(&tls.server.key)
+                .arg("--store-cacert")
+                .arg(&tls.client_ca)
+                .arg("--admin-cert")
+                .arg(&tls.admin.cert)
+                .arg("--admin-key")
+                .arg(&tls.admin.key);
             self.start(
                 format!("{}/apiserver", cluster.name),
                 apiserver,
@@ -657,7 +675,12 @@ impl Env {
                 .args(["--cluster-name", &cluster.name, "--cluster-id", &id])
                 .args(["--max-connected-clusters", &max, "--peers-dir"])
                 .arg(cdir.join("peers"))
-                .args(["--store-endpoints", &format!("http://{}", cluster.store)])
+                .args(["--store-endpoints", &store_url, "--store-cacert"])
+                .arg(&tls.server_ca)
+                .arg("--store-cert")
+                .arg(&tls.admin.cert)
+                .arg("--store-key")
+                .arg(&tls.admin.key)
                 .args(["--health-listen", &cluster.kvstoremesh_health.to_string()]);
             self.start(
                 format!("{}/kvstoremesh", cluster.name),
@@ -684,7 +707,12 @@ impl Env {
                     .args(["--max-connected-clusters", &max, "--node-name", &node.name])
                     .arg("--manifests")
                     .arg(cdir.join("manifests"))
-                    .args(["--store-endpoints", &format!("http://{}", cluster.store)])
+                    .args(["--store-endpoints", &store_url, "--store-cacert"])
+                    .arg(&tls.server_ca)
+                    .arg("--store-cert")
+                    .arg(&tls.local.cert)
+                    .arg("--store-key")
+                    .arg(&tls.local.key)
                     .args(["--api-listen", &node.agent_api.to_string(), "--state-file"])
                     .arg(ndir.join("agent.state.json"))
                     .arg("--endpoints-file")
@@ -692,13 +720,15 @@ impl Env {
                     .args(["--datapath", "bpf", "--bpffs", BPFFS])
                     .args(["--bpf-root", &node.bpf_root, "--cgroup"])
                     .arg(&node.cgroup);
+                if let Some(ms) = self.state.agent_grace_ms {
+                    agent.args(["--grace", &format!("{ms}ms")]);
+                }
                 self.start(
                     format!("{}/agent", node.name),
                     agent,
                     &logs.join(format!("{}-agent.log", node.name)),
                 )?;
             }
-            self.write_context(&cluster, topology)?;
         }
         self.save()?;
         let current = self.home.current_context_file();
@@ -756,17 +786,24 @@ impl Env {
         Ok(())
     }
 
-    fn write_context(&self, cluster: &ClusterState, topology: &Topology) -> Result<(), DevError> {
+    /// Writes the cluster's context, its store reached as `admin-<cluster>` with the
+    /// certificates `certify` made for it (from the context, before any daemon starts).
+    fn write_context(
+        &self,
+        cluster: &ClusterState,
+        topology: &Topology,
+        certify: &dyn Certify,
+    ) -> Result<ClusterTls, DevError> {
         let spec = topology
             .cluster(&cluster.name)
             .expect("the state's clusters come from the topology");
         let cdir = cluster_dir(&self.dir, &cluster.name);
-        let context = ClusterContext {
+        let mut context = ClusterContext {
             name: spec.name.clone(),
             id: spec.id,
             max_connected_clusters: topology.max_connected_clusters,
             store: PeerFile {
-                endpoints: vec![format!("http://{}", cluster.store)],
+                endpoints: vec![format!("https://{}", cluster.store)],
                 ..PeerFile::default()
             },
             peer_endpoints: Vec::new(),
@@ -784,16 +821,31 @@ impl Env {
                 .collect(),
             unknown_keys: Vec::new(),
         };
+        let tls = certify
+            .certify(&context)
+            .map_err(|source| DevError::Certify {
+                cluster: cluster.name.clone(),
+                source,
+            })?;
+        context.store.trusted_ca_file = Some(tls.server_ca.clone());
+        context.store.cert_file = Some(tls.admin.cert.clone());
+        context.store.key_file = Some(tls.admin.key.clone());
         let path = self
             .home
             .context_dir(&self.state.name)
             .join(format!("{}.yaml", cluster.name));
-        std::fs::write(&path, context.to_yaml()).map_err(io(&path))
+        std::fs::write(&path, context.to_yaml()).map_err(io(&path))?;
+        Ok(tls)
     }
 
     /// Starts a detached process and records it (its cgroup, recorded before, holds it from
     /// its first instruction, so a crash in between leaks nothing).
-    fn start(&self, what: String, command: Command, log: &Path) -> Result<Started, DevError> {
+    pub(crate) fn start(
+        &self,
+        what: String,
+        command: Command,
+        log: &Path,
+    ) -> Result<Started, DevError> {
         let started = sys::spawn_detached(command, log)?;
         self.record.add(&Resource::Process {
             what: what.clone(),
@@ -805,7 +857,7 @@ impl Env {
     }
 
     /// Waits until every daemon's `/readyz` answers 200.
-    fn wait_ready(&self, timeout: Duration) -> Result<(), DevError> {
+    pub(crate) fn wait_ready(&self, timeout: Duration) -> Result<(), DevError> {
         let logs = self.dir.join("logs");
         let mut pending: Vec<(String, SocketAddr, PathBuf)> = Vec::new();
         for c in &self.state.clusters {
@@ -940,7 +992,7 @@ impl Env {
             .expect("found above"))
     }
 
-    fn save(&self) -> Result<(), DevError> {
+    pub(crate) fn save(&self) -> Result<(), DevError> {
         let path = self.dir.join("env.json");
         let tmp = self.dir.join(".env.json.tmp");
         let text = serde_json::to_vec_pretty(&self.state).expect("state always serializes");
@@ -1053,7 +1105,7 @@ impl Env {
         Ok(changed)
     }
 
-    fn lock(&self) -> Result<File, DevError> {
+    pub(crate) fn lock(&self) -> Result<File, DevError> {
         let path = self.dir.join("lock");
         let file = File::create(&path).map_err(io(&path))?;
         file.lock().map_err(io(&path))?;
@@ -1412,22 +1464,29 @@ mod tests {
         let options = |topology: &str| UpOptions {
             topology: topology.into(),
             name: None,
-            connect: false,
             ready_timeout: Duration::from_secs(1),
+            agent_grace: None,
         };
-        let err = Env::up(&home, &bins, &options("/nonexistent.yaml")).unwrap_err();
+        /// Every refusal below comes before a certificate is asked for.
+        struct Unreached;
+        impl Certify for Unreached {
+            fn certify(&self, context: &ClusterContext) -> Result<ClusterTls, CertifyError> {
+                Err(format!("certify called for {}", context.name).into())
+            }
+        }
+        let err = Env::up(&home, &bins, &options("/nonexistent.yaml"), &Unreached).unwrap_err();
         assert!(err.to_string().contains("/nonexistent.yaml"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.yaml");
         std::fs::write(&bad, "name: x\nclusters: []\n").unwrap();
-        let err = Env::up(&home, &bins, &options(bad.to_str().unwrap())).unwrap_err();
+        let err = Env::up(&home, &bins, &options(bad.to_str().unwrap()), &Unreached).unwrap_err();
         assert!(err.to_string().contains("at least one cluster"), "{err}");
         let good = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../kind-configs/two-clusters.yaml"
         );
         std::fs::create_dir_all(home.env_dir("two-clusters")).unwrap();
-        let err = Env::up(&home, &bins, &options(good)).unwrap_err();
+        let err = Env::up(&home, &bins, &options(good), &Unreached).unwrap_err();
         assert!(
             err.to_string()
                 .contains("clustermesh dev down --name two-clusters"),

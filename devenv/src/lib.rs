@@ -9,16 +9,24 @@
 //!   `exec` and `down`.
 //! - [`manifests`]: a cluster's objects written as Kubernetes holds them (pods with their
 //!   addresses, services with cluster IPs, EndpointSlices from selectors and readiness).
+//! - [`faults`]: disaster-recovery faults and their undo: kill every process of a cluster and
+//!   start them again, cut a cluster off the underlay and restore it.
 //! - [`record`]: what an environment made, recorded before it is made, and its teardown.
 //! - [`home`]: the mesh home, its contexts and the current context (the CLI's contract).
 //! - [`sys`]: host operations: commands, namespaces, cgroups, detached processes.
+//! - [`tls`]: what `up` asks of whoever makes the stores' certificates (`clustermesh
+//!   enable`), and the files it gets back.
 
 pub mod env;
+pub mod faults;
 pub mod home;
 pub mod manifests;
 pub mod record;
 pub mod sys;
+pub mod tls;
 pub mod topology;
 
 pub use env::{Binaries, DevError, Env, EnvState, Naming, UpOptions, down};
+pub use faults::FaultError;
 pub use home::MeshHome;
+pub use tls::{Certify, CertifyError, ClusterTls, IdentityFiles};

@@ -72,6 +72,11 @@ pub enum Resource {
         /// Its path.
         path: PathBuf,
     },
+    /// An nftables table (family `inet`), as a cut-off cluster's drop rules.
+    NftTable {
+        /// Its name.
+        name: String,
+    },
     /// A detached process.
     Process {
         /// What it is (for logs).
@@ -212,6 +217,13 @@ fn undo(resource: &Resource) -> Result<(), String> {
             sys::ip(["netns", "del", name.as_str()])
                 .map(drop)
                 .map_err(|e| e.to_string())
+        }
+        Resource::NftTable { name } => {
+            if crate::faults::nft_table_exists(name) {
+                sys::run(std::process::Command::new("nft").args(["delete", "table", "inet", name]))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
         }
         Resource::Cgroup { path } => {
             sys::kill_cgroup(path);

@@ -1,6 +1,8 @@
 //! The end-to-end harness: a `clustermesh dev` environment driven through the real
 //! `clustermesh` binary, in a mesh home of its own, torn down on drop (also when a scenario
 //! fails), and probes run from its pods with `clustermesh dev exec ... mesh-echo probe`.
+//! [`DevEnv::recovery`] times a fault (`dev kill`, `dev cut`) to the first answer from the
+//! cluster that should take over, counting the failed requests in between.
 //! The scenarios are in `tests/`; they need root and skip with a message without it.
 
 use std::collections::BTreeMap;
@@ -90,6 +92,30 @@ impl DevEnv {
         Ok(env)
     }
 
+    /// `clustermesh dev up` of `kind-configs/<file>` with its underlay replaced by `underlay`
+    /// (so scenarios, and other environments on the machine, never claim the same one).
+    pub fn up_on_underlay(
+        file: &str,
+        underlay: &str,
+        extra: &[&str],
+    ) -> Result<DevEnv, HarnessError> {
+        let text = std::fs::read_to_string(topology(file)).map_err(HarnessError::Home)?;
+        let text: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("underlay:") {
+                    format!("underlay: {underlay}\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        let dir = tempfile::tempdir().map_err(HarnessError::Home)?;
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).map_err(HarnessError::Home)?;
+        DevEnv::up(&path, extra)
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name
@@ -173,6 +199,99 @@ impl DevEnv {
         })
     }
 
+    /// One TCP request from pod `pod` of `cluster` to `addr`, run directly in the pod (no
+    /// `clustermesh` process in between, so requests follow each other closely): the
+    /// cluster that answered, or `None` when the request failed.
+    pub fn ask(
+        &self,
+        cluster: &str,
+        pod: &str,
+        addr: &str,
+        timeout: &str,
+    ) -> Result<Option<String>, HarnessError> {
+        let echo = self.cli.with_file_name("mesh-echo");
+        let argv: Vec<String> = [
+            echo.to_str().unwrap_or_default(),
+            "probe",
+            "--tcp",
+            addr,
+            "--timeout",
+            timeout,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let out = self
+            .state()?
+            .exec_command(cluster, pod, &argv)?
+            .stderr(std::process::Stdio::null())
+            .output()
+            .map_err(|e| HarnessError::Probe {
+                pod: format!("{cluster}/{pod}"),
+                detail: e.to_string(),
+            })?;
+        let summary: Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Probe {
+                pod: format!("{cluster}/{pod}"),
+                detail: format!("{e}: {}", String::from_utf8_lossy(&out.stdout)),
+            })?;
+        Ok(answers_per_cluster(&summary).into_keys().next())
+    }
+
+    /// Makes a fault (`fault`, timed from just before it is called) and sends requests from
+    /// pod `pod` of `cluster` to `addr`, one after the other, until one is answered by
+    /// `by` and the next [`STABLE`] are too. Fails when that takes longer than `deadline`,
+    /// or when an answer from another cluster (or a failure) comes after the first one.
+    pub fn recovery(
+        &self,
+        (cluster, pod, addr): (&str, &str, &str),
+        by: &str,
+        deadline: Duration,
+        fault: impl FnOnce(&DevEnv) -> Result<(), HarnessError>,
+    ) -> Result<Recovery, HarnessError> {
+        let started = Instant::now();
+        fault(self)?;
+        let fault_took = started.elapsed();
+        let mut recovery = Recovery {
+            fault_took,
+            first_success: Duration::ZERO,
+            failures: 0,
+            requests: 0,
+        };
+        let failed = |detail: String| HarnessError::Probe {
+            pod: format!("{cluster}/{pod}"),
+            detail,
+        };
+        loop {
+            recovery.requests += 1;
+            match self.ask(cluster, pod, addr, "300ms")? {
+                Some(answer) if answer == by => {
+                    recovery.first_success = started.elapsed();
+                    break;
+                }
+                other => {
+                    recovery.failures += 1;
+                    if started.elapsed() > deadline {
+                        return Err(failed(format!(
+                            "{addr}: no answer from {by} within {deadline:?} of the fault                              ({recovery:?}, last answer {other:?})"
+                        )));
+                    }
+                }
+            }
+        }
+        for i in 0..STABLE {
+            let answer = self.ask(cluster, pod, addr, "300ms")?;
+            if answer.as_deref() != Some(by) {
+                return Err(failed(format!(
+                    "{addr}: answered by {by} at {:?} after the fault, then request {} of \
+                     the next {STABLE} got {answer:?}",
+                    recovery.first_success,
+                    i + 1
+                )));
+            }
+        }
+        Ok(recovery)
+    }
+
     /// `clustermesh dev down`; the drop guard does nothing afterwards.
     pub fn down(&mut self) -> Result<(), HarnessError> {
         self.up = false;
@@ -181,7 +300,7 @@ impl DevEnv {
     }
 
     /// Kernel objects named after this environment that still exist: network namespaces,
-    /// host interfaces, cgroups, bpffs directories.
+    /// host interfaces, cgroups, bpffs directories, nftables tables.
     pub fn leftovers(&self) -> Vec<String> {
         let naming = Naming::new(&self.name);
         let prefix = naming.prefix();
@@ -198,6 +317,15 @@ impl DevEnv {
         scan(Path::new("/sys/class/net"), &naming.link_prefix());
         scan(&mesh_devenv::sys::cgroup2_root(), &prefix);
         scan(Path::new("/sys/fs/bpf"), &prefix);
+        // nftables tables (a cut left in place), named after the link prefix.
+        if let Ok(out) = Command::new("nft").args(["list", "tables"]).output() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            found.extend(
+                text.lines()
+                    .filter(|line| line.contains(&naming.link_prefix()))
+                    .map(str::to_owned),
+            );
+        }
         found
     }
 }
@@ -210,6 +338,23 @@ impl Drop for DevEnv {
             eprintln!("dev down {}: {e}", self.name);
         }
     }
+}
+
+/// How many requests in a row must be answered by the expected cluster after the first for
+/// [`DevEnv::recovery`] to count it as recovered.
+pub const STABLE: u32 = 20;
+
+/// What a client saw from a fault to its recovery.
+#[derive(Clone, Copy, Debug)]
+pub struct Recovery {
+    /// How long making the fault took (part of `first_success`).
+    pub fault_took: Duration,
+    /// From just before the fault to the first answer from the expected cluster.
+    pub first_success: Duration,
+    /// Requests before it that failed or were answered by another cluster.
+    pub failures: u32,
+    /// Requests sent up to and including it.
+    pub requests: u32,
 }
 
 /// How many answers of a probe summary came from each cluster (the first part of the

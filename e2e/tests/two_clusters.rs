@@ -1,11 +1,11 @@
-//! Two clusters from `kind-configs/two-clusters.yaml`, brought up with `clustermesh dev up
-//! --connect`: pod-to-pod traffic across the clusters over TCP and UDP, and a global service
-//! with a backend in each cluster answering from both. Root only; `dev down` runs even when
+//! Two clusters from `kind-configs/two-clusters.yaml` (on an underlay of its own), brought up
+//! with `clustermesh dev up --connect`: pod-to-pod traffic across the clusters over TCP and
+//! UDP, and a global service with a backend in each cluster answering from both. Root only; `dev down` runs even when
 //! the scenario fails and must leave nothing behind.
 
 use std::time::{Duration, Instant};
 
-use mesh_e2e::{DevEnv, answers_per_cluster, topology, wait_for};
+use mesh_e2e::{DevEnv, answers_per_cluster, wait_for};
 use testkit::sandbox::is_root;
 
 /// Each cluster runs one echo backend (TCP 8080, UDP 5353) behind the global `echo` service
@@ -50,7 +50,9 @@ fn pod_to_pod_and_a_global_service_across_two_clusters() {
         return;
     }
     let started = Instant::now();
-    let mut env = DevEnv::up(&topology("two-clusters.yaml"), &["--connect"]).unwrap();
+    // An underlay of its own: the README's demo (10.254.0.0/16) may be up on this machine.
+    let mut env =
+        DevEnv::up_on_underlay("two-clusters.yaml", "10.247.0.0/16", &["--connect"]).unwrap();
     eprintln!("dev up: {:?}", started.elapsed());
     for cluster in ["a", "b"] {
         env.apply(cluster, APP).unwrap();
