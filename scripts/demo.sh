@@ -2,8 +2,9 @@
 # The README's demo: two clusters on this machine (kind-configs/two-clusters.yaml: network
 # namespaces running the real apiservers with their embedded stores, kvstoremeshes and eBPF
 # agents, every store behind mutual TLS), connected with `clustermesh connect`, checked with
-# `clustermesh status --wait`, and a global service answering from both clusters. The
-# environment stays up afterwards; `clustermesh dev down` removes it.
+# `clustermesh status --wait`, a global service answering from both clusters, and a failover:
+# cluster b killed (a's clients move to a's backend) and revived. The environment stays up
+# afterwards; `clustermesh dev down` removes it.
 # Needs root (network namespaces, cgroups, eBPF); installs missing Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +54,27 @@ for c in a b; do
   done
   printf '$ %s agent services --api %s\n%s\n' "$cm" "$agent" "$table"
   vip=$(awk '$2 == "shop/echo" {sub("/TCP", "", $1); print $1}' <<<"$table")
+  if [[ $c == a ]]; then agent_a=$agent vip_a=$vip; fi
   step "cluster $c: 100 requests from its client pod to shop/echo at $vip"
   run "$cm" dev exec -c "$c" client -- "$bin/mesh-echo" probe --tcp "$vip" --count 100
   echo
 done
+
+step "failover: every process of cluster b is killed (its store, kvstoremesh, agent and pods)"
+run "$cm" dev kill -c b
+run "$cm" status || true
+step "a's agent withdraws b's backends after its grace (5 s): a's client is answered by a"
+sleep 6
+run "$cm" dev exec -c a client -- "$bin/mesh-echo" probe --tcp "$vip_a" --count 100
+
+step "b comes back: the same processes, restarted; traffic is shared again"
+run "$cm" dev revive -c b
+run "$cm" status --wait --wait-duration 2m
+for _ in $(seq 50); do
+  "$cm" agent services --api "$agent_a" | grep -q "(a).*(b)\|(b).*(a)" && break
+  sleep 0.2
+done
+run "$cm" dev exec -c a client -- "$bin/mesh-echo" probe --tcp "$vip_a" --count 100
 
 step "done: the environment stays up"
 cat <<EOF

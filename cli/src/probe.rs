@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 pub enum Cause {
     /// Nothing listens at the address (connection refused).
     ConnectionRefused,
+    /// An established connection broke: the other side stopped or restarted.
+    ConnectionLost,
     /// No answer in time.
     Timeout,
     /// The address does not resolve or the network is unreachable.
@@ -58,6 +60,7 @@ impl Cause {
     pub fn name(self) -> &'static str {
         match self {
             Cause::ConnectionRefused => "connection_refused",
+            Cause::ConnectionLost => "connection_lost",
             Cause::Timeout => "timeout",
             Cause::Unreachable => "unreachable",
             Cause::Tls => "tls",
@@ -82,6 +85,9 @@ impl Cause {
         match self {
             Cause::ConnectionRefused => {
                 "nothing listens there: start the daemon or store, or fix the address in the context"
+            }
+            Cause::ConnectionLost => {
+                "the other side went away mid-connection (stopped, killed or restarted): check that it runs; the reader reconnects by itself"
             }
             Cause::Timeout => {
                 "no answer in time: check that the process is not stopped and that no firewall drops the traffic"
@@ -136,6 +142,19 @@ impl Cause {
             || t.contains("cluster config is refused")
         {
             Cause::IdClash
+        } else if [
+            "close_notify",
+            "unexpectedeof",
+            "connection reset",
+            "broken pipe",
+            "error reading a body",
+        ]
+        .iter()
+        .any(|w| t.contains(w))
+        {
+            // Before the TLS words: a TLS stream that ends abruptly names TLS, but nothing
+            // about certificates is wrong.
+            Cause::ConnectionLost
         } else if [
             "certificate",
             "unknownissuer",
@@ -365,8 +384,9 @@ pub fn missing_files(store: &PeerFile) -> Vec<PathBuf> {
 mod tests {
     use super::*;
 
-    const ALL: [Cause; 17] = [
+    const ALL: [Cause; 18] = [
         Cause::ConnectionRefused,
+        Cause::ConnectionLost,
         Cause::Timeout,
         Cause::Unreachable,
         Cause::Tls,
@@ -388,6 +408,15 @@ mod tests {
     #[test]
     fn causes_are_told_apart() {
         let cases = [
+            (
+                // What kvstoremesh said when the peer's store was killed under an open watch.
+                "reading the peer's store: store at https://10.254.0.1:44935 unavailable during \
+                 watch: grpc request error: code: 'Unknown error', message: \"h2 protocol error: \
+                 error reading a body from connection\", source: hyper::Error(Body, Error { kind: \
+                 Io(Custom { kind: UnexpectedEof, error: \"peer closed connection without \
+                 sending TLS close_notify\" }) })",
+                Cause::ConnectionLost,
+            ),
             (
                 "reading the peer's store: store at https://127.0.0.1:1 unavailable during \
                  status: transport error: invalid peer certificate: UnknownIssuer",
