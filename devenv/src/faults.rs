@@ -5,6 +5,8 @@
 //!   Each one's command line, namespace, cgroup and log are saved first
 //!   (`<env>/faults/<cluster>.killed.json`), so [`Env::revive_cluster`] starts the same
 //!   processes again (same flags, ports, data and state files) and records them.
+//! - [`Env::restart_daemon`]: one daemon (an apiserver with its store, a kvstoremesh, an
+//!   agent) is stopped with SIGTERM and started again as it was, as in a rolling restart.
 //! - [`Env::cut_cluster`]: the cluster's nodes lose the underlay (their veths' host ends go
 //!   down) and its store stops answering (an nftables table of the environment drops every
 //!   packet to and from the store's port, silently, as a partition would); nothing is
@@ -89,6 +91,9 @@ pub enum FaultError {
         /// The parser's complaint.
         source: serde_json::Error,
     },
+    /// A process's command line read empty (it was exiting).
+    #[error("{0}: empty command line")]
+    EmptyCommandLine(String),
     /// Processes still ran after SIGKILL.
     #[error("still running after SIGKILL: {0}")]
     Survivors(String),
@@ -164,18 +169,7 @@ impl Env {
         }
         let mut out = Vec::new();
         for (what, netns) in wanted {
-            let (pid, start_time) = recorded
-                .iter()
-                .rev()
-                .find_map(|r| match r {
-                    Resource::Process {
-                        what: w,
-                        pid,
-                        start_time,
-                    } if *w == what => Some((*pid, *start_time)),
-                    _ => None,
-                })
-                .ok_or_else(|| FaultError::NotRecorded(what.clone()))?;
+            let (pid, start_time) = last_process(&recorded, &what)?;
             out.push(inspect(
                 what,
                 pid,
@@ -312,6 +306,52 @@ impl Env {
         Ok(started)
     }
 
+    /// Restarts one daemon, as a rolling restart would: `what` as `up` records it
+    /// (`a/apiserver` with its embedded store, `a/kvstoremesh`, `a-node-1/agent`). It is
+    /// stopped with SIGTERM (SIGKILL after 5 s), started again with the same command line,
+    /// namespace, cgroup and log, recorded, and waited for until every daemon of the
+    /// environment is ready (up to `timeout`). The new process, as `what (pid)`.
+    pub fn restart_daemon(&self, what: &str, timeout: Duration) -> Result<String, FaultError> {
+        let _lock = self.lock()?;
+        let netns = self
+            .state
+            .clusters
+            .iter()
+            .flat_map(|c| &c.nodes)
+            .find(|n| format!("{}/agent", n.name) == what)
+            .map(|n| n.netns.clone());
+        let recorded = self.record.resources().map_err(DevError::from)?;
+        let (pid, start_time) = last_process(&recorded, what)?;
+        let daemons = sys::cgroup2_root().join(Naming::new(&self.state.name).daemons());
+        let p = inspect(what.to_owned(), pid, start_time, netns, daemons, None)?;
+        let target = nix::unistd::Pid::from_raw(p.pid);
+        for signal in [
+            nix::sys::signal::Signal::SIGTERM,
+            nix::sys::signal::Signal::SIGKILL,
+        ] {
+            if sys::start_time(p.pid) == Some(p.start_time) {
+                let _ = nix::sys::signal::kill(target, signal);
+            }
+            let deadline = Instant::now() + KILL_WAIT;
+            while sys::start_time(p.pid) == Some(p.start_time) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if sys::start_time(p.pid) == Some(p.start_time) {
+            return Err(FaultError::Survivors(format!("{what} (pid {})", p.pid)));
+        }
+        let (program, args) = p
+            .argv
+            .split_first()
+            .ok_or_else(|| FaultError::EmptyCommandLine(what.to_owned()))?;
+        let mut command = sys::command_in(p.netns.as_deref(), Some(&p.cgroup), program);
+        command.args(args);
+        let new = self.start(p.what.clone(), command, &p.log)?;
+        self.wait_ready(timeout)?;
+        tracing::info!(%what, pid = new.pid, "restarted");
+        Ok(format!("{what} (pid {})", new.pid))
+    }
+
     /// The host ends of `cluster`'s nodes' veths (numbered over every node of the
     /// environment in order, as `up` made them).
     fn node_links(&self, cluster: &str) -> Vec<String> {
@@ -378,6 +418,23 @@ impl Env {
         tracing::info!(%cluster, "back on the underlay");
         Ok(restored)
     }
+}
+
+/// The pid and start time of the last process the record names `what` (a restarted or
+/// revived daemon is recorded again).
+fn last_process(recorded: &[Resource], what: &str) -> Result<(i32, u64), FaultError> {
+    recorded
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            Resource::Process {
+                what: w,
+                pid,
+                start_time,
+            } if w == what => Some((*pid, *start_time)),
+            _ => None,
+        })
+        .ok_or_else(|| FaultError::NotRecorded(what.to_owned()))
 }
 
 /// Reads how to start process `pid` again, after checking it is the one recorded.

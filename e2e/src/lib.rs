@@ -1,8 +1,9 @@
 //! The end-to-end harness: a `clustermesh dev` environment driven through the real
 //! `clustermesh` binary, in a mesh home of its own, torn down on drop (also when a scenario
 //! fails), and probes run from its pods with `clustermesh dev exec ... mesh-echo probe`.
-//! [`DevEnv::recovery`] times a fault (`dev kill`, `dev cut`) to the first answer from the
-//! cluster that should take over, counting the failed requests in between.
+//! [`DevEnv::restart`] restarts one daemon. [`DevEnv::recovery`] times a fault (`dev kill`,
+//! `dev cut`) to the first answer from the cluster that should take over, counting the
+//! failed requests in between.
 //! The scenarios are in `tests/`; they need root and skip with a message without it.
 
 use std::collections::BTreeMap;
@@ -33,6 +34,9 @@ pub enum HarnessError {
     /// The environment's state could not be read.
     #[error(transparent)]
     Env(#[from] mesh_devenv::DevError),
+    /// A daemon could not be restarted.
+    #[error(transparent)]
+    Fault(#[from] mesh_devenv::FaultError),
     /// A probe printed no JSON summary.
     #[error("probe from {pod}: {detail}")]
     Probe {
@@ -199,6 +203,22 @@ impl DevEnv {
         })
     }
 
+    /// `mesh-echo ARGS` to run directly in pod `pod` of `cluster` (in its network namespace
+    /// and its node's cgroup, no `clustermesh` process in between).
+    pub fn echo_command(
+        &self,
+        cluster: &str,
+        pod: &str,
+        args: &[&str],
+    ) -> Result<Command, HarnessError> {
+        let echo = self.cli.with_file_name("mesh-echo");
+        let argv: Vec<String> = std::iter::once(echo.to_str().unwrap_or_default())
+            .chain(args.iter().copied())
+            .map(str::to_owned)
+            .collect();
+        Ok(self.state()?.exec_command(cluster, pod, &argv)?)
+    }
+
     /// One TCP request from pod `pod` of `cluster` to `addr`, run directly in the pod (no
     /// `clustermesh` process in between, so requests follow each other closely): the
     /// cluster that answered, or `None` when the request failed.
@@ -209,20 +229,12 @@ impl DevEnv {
         addr: &str,
         timeout: &str,
     ) -> Result<Option<String>, HarnessError> {
-        let echo = self.cli.with_file_name("mesh-echo");
-        let argv: Vec<String> = [
-            echo.to_str().unwrap_or_default(),
-            "probe",
-            "--tcp",
-            addr,
-            "--timeout",
-            timeout,
-        ]
-        .map(str::to_owned)
-        .to_vec();
         let out = self
-            .state()?
-            .exec_command(cluster, pod, &argv)?
+            .echo_command(
+                cluster,
+                pod,
+                &["probe", "--tcp", addr, "--timeout", timeout],
+            )?
             .stderr(std::process::Stdio::null())
             .output()
             .map_err(|e| HarnessError::Probe {
@@ -290,6 +302,15 @@ impl DevEnv {
             }
         }
         Ok(recovery)
+    }
+
+    /// Restarts daemon `what` (`a/apiserver` with its store, `a/kvstoremesh`,
+    /// `a-node-1/agent`) as a rolling restart would, and waits until every daemon is ready
+    /// again: the new process, as `what (pid)`.
+    pub fn restart(&self, what: &str) -> Result<String, HarnessError> {
+        Ok(self
+            .state()?
+            .restart_daemon(what, Duration::from_secs(90))?)
     }
 
     /// `clustermesh dev down`; the drop guard does nothing afterwards.
