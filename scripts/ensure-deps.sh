@@ -6,12 +6,12 @@ set -euo pipefail
 
 need=(protobuf-compiler)                       # etcd-client's build script runs protoc
 if [[ "${1:-build}" == demo ]]; then
-  need+=(iproute2 util-linux)                  # clustermesh dev: network namespaces, nsenter
+  need+=(iproute2 util-linux nftables)         # clustermesh dev: network namespaces, nsenter, dev cut
 fi
 if [[ "${1:-build}" == test ]]; then
   need+=(etcd-server etcd-client)              # the conformance suite runs against real etcd 3.4
   need+=(clang libbpf-dev bpftool)             # bpf/build.sh --check; the layout test reads BTF
-  need+=(iproute2 util-linux)                  # datapath tests: network namespaces, nsenter
+  need+=(iproute2 util-linux nftables)         # datapath tests: namespaces, nsenter; e2e: dev cut
 fi
 
 missing=()

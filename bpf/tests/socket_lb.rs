@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bpf::{Datapath, DatapathConfig, DatapathError, Frontend4, MapSizes, MapState, diff};
+use bpf::{
+    Datapath, DatapathConfig, DatapathError, Frontend4, MapSizes, MapState, PinnedServices, diff,
+};
 use serde_json::Value;
 use testkit::sandbox::{BpfRoot, Cgroup, Netns, is_root};
 
@@ -152,6 +154,14 @@ fn tcp_to_a_vip_reaches_every_backend_and_getpeername_shows_the_vip() {
     let v = env.probe(&["--tcp", "10.96.0.10:80", "--count", "20"]);
     assert_eq!(count(&v, "answers", "b2"), 20, "{v}");
     assert_eq!(dp.read_state().unwrap(), desired);
+
+    // The pins alone show the same, without loading anything.
+    let pinned = PinnedServices::open(dp.dir()).unwrap();
+    assert_eq!(
+        pinned.backends(vip(10, 80, TCP)).unwrap(),
+        Some(vec![(Ipv4Addr::new(127, 0, 0, 2), 9002)])
+    );
+    assert_eq!(pinned.backends(vip(11, 80, TCP)).unwrap(), None);
 }
 
 #[test]

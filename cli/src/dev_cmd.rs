@@ -35,6 +35,11 @@ pub enum DevCommand {
         /// keeps its backends' rank. The agent's default (5s) when not given.
         #[arg(long, value_parser = humantime::parse_duration)]
         agent_grace: Option<Duration>,
+        /// What the nodes run: `bpf` (root: network namespaces, eBPF agents, pods running
+        /// echo servers) or `none` (no root needed: the control plane alone on loopback, the
+        /// agents with `--datapath none`, pods as manifest entries without a process).
+        #[arg(long, default_value = "bpf")]
+        datapath: mesh_devenv::DevDatapath,
     },
     /// Kill every process of a cluster at once (SIGKILL, as a crash): its apiserver and
     /// store, kvstoremesh, agents and pods' servers. `revive` starts them again.
@@ -143,12 +148,14 @@ pub fn run(command: DevCommand) -> anyhow::Result<ExitCode> {
             connect,
             timeout,
             agent_grace,
+            datapath,
         } => {
             let options = UpOptions {
                 topology: file,
                 name,
                 ready_timeout: timeout,
                 agent_grace,
+                datapath,
             };
             let name = options.env_name();
             let env = Env::up(&home, &binaries()?, &options, &DevCertify).map_err(|err| {

@@ -12,6 +12,7 @@
 //! in the node's cgroup.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -75,6 +76,18 @@ pub enum DevError {
     /// A resource the environment needs is taken by someone else.
     #[error("{0} (another environment, or something else on this machine, uses it)")]
     InUse(String),
+    /// The operation needs the nodes' network namespaces and pods' processes, which an
+    /// environment running the control plane alone does not have.
+    #[error(
+        "environment {env} runs the control plane alone (dev up --datapath none): {what} needs \
+         the full environment (dev up as root, --datapath bpf)"
+    )]
+    ControlPlaneOnly {
+        /// The environment.
+        env: String,
+        /// What was asked.
+        what: String,
+    },
     /// A workspace binary is missing.
     #[error("{0} not found (build the workspace: cargo build --workspace)")]
     MissingBinary(PathBuf),
@@ -248,6 +261,12 @@ impl Naming {
         format!("{}daemons", self.prefix())
     }
 
+    /// The cgroup (under the cgroup2 root) of `cluster`'s daemons: one per cluster, so a
+    /// `cut` can tell the cluster's own sockets from everyone else's.
+    pub(crate) fn cluster_daemons(&self, cluster: &str) -> String {
+        format!("{}/{cluster}", self.daemons())
+    }
+
     fn pod(&self, cluster: &str, namespace: &str, pod: &str) -> String {
         format!(
             "{}{cluster}-{namespace}-{}",
@@ -385,6 +404,45 @@ pub struct EnvState {
     /// The agents' `--grace` in milliseconds, when `up` was asked for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_grace_ms: Option<u64>,
+    /// What the nodes run.
+    #[serde(default)]
+    pub datapath: DevDatapath,
+}
+
+/// What an environment's nodes run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DevDatapath {
+    /// The whole thing (root): nodes as network namespaces on a bridge, agents programming
+    /// eBPF, pods as namespaces running echo servers.
+    #[default]
+    Bpf,
+    /// The control plane alone, on loopback, for a machine without root or eBPF: the same
+    /// apiservers, stores, kvstoremeshes and agents (`--datapath none`), pods as manifest
+    /// entries with addresses from their node's pod CIDR but no process. The agents' tables
+    /// show what would be programmed; nothing carries traffic.
+    None,
+}
+
+impl std::str::FromStr for DevDatapath {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bpf" => Ok(DevDatapath::Bpf),
+            "none" => Ok(DevDatapath::None),
+            other => Err(format!("{other:?}: expected bpf or none")),
+        }
+    }
+}
+
+impl fmt::Display for DevDatapath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DevDatapath::Bpf => "bpf",
+            DevDatapath::None => "none",
+        })
+    }
 }
 
 fn cluster_dir(env_dir: &Path, cluster: &str) -> PathBuf {
@@ -402,6 +460,8 @@ pub struct UpOptions {
     pub ready_timeout: Duration,
     /// The agents' withdrawal grace (`clustermesh-agent --grace`); theirs by default.
     pub agent_grace: Option<Duration>,
+    /// What the nodes run.
+    pub datapath: DevDatapath,
 }
 
 impl UpOptions {
@@ -514,7 +574,14 @@ impl Env {
             }
         }
         let naming = Naming::new(&name);
-        for (node_index, node) in topology.clusters.iter().flat_map(|c| &c.nodes).enumerate() {
+        let full = options.datapath == DevDatapath::Bpf;
+        for (node_index, node) in topology
+            .clusters
+            .iter()
+            .flat_map(|c| &c.nodes)
+            .enumerate()
+            .filter(|_| full)
+        {
             let netns = naming.node(node.name.as_str());
             if sys::netns_exists(&netns) {
                 return Err(DevError::InUse(format!("network namespace {netns} exists")));
@@ -524,14 +591,18 @@ impl Env {
                 return Err(DevError::InUse(format!("interface {link} exists")));
             }
         }
-        if sys::link_exists(&naming.bridge()) {
+        if full && sys::link_exists(&naming.bridge()) {
             return Err(DevError::InUse(format!(
                 "interface {} exists",
                 naming.bridge()
             )));
         }
         let underlay = v4(&topology.underlay);
-        let taken = addresses_within(underlay, topology.underlay.prefix_len())?;
+        let taken = if full {
+            addresses_within(underlay, topology.underlay.prefix_len())?
+        } else {
+            Vec::new()
+        };
         if !taken.is_empty() {
             return Err(DevError::InUse(format!(
                 "underlay {}: already in use by {}",
@@ -543,7 +614,11 @@ impl Env {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let record = Record::at(dir.join("record.jsonl"));
         record.add(&Resource::Dir { path: dir.clone() })?;
-        let host_address = Ipv4Addr::from(u32::from(underlay) + 1);
+        let host_address = if full {
+            Ipv4Addr::from(u32::from(underlay) + 1)
+        } else {
+            Ipv4Addr::LOCALHOST
+        };
         let mut env = Env {
             home: home.clone(),
             dir,
@@ -555,6 +630,7 @@ impl Env {
                 agent_grace_ms: options
                     .agent_grace
                     .map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX)),
+                datapath: options.datapath,
             },
         };
         env.build(bins, &topology, &naming, certify)?;
@@ -565,6 +641,14 @@ impl Env {
 
     fn mkdir(&self, path: &Path) -> Result<(), DevError> {
         std::fs::create_dir_all(path).map_err(io(path))
+    }
+
+    /// Records and makes a cgroup.
+    fn make_cgroup(&self, path: &Path) -> Result<(), DevError> {
+        self.record.add(&Resource::Cgroup {
+            path: path.to_owned(),
+        })?;
+        std::fs::create_dir(path).map_err(io(path))
     }
 
     fn build(
@@ -583,28 +667,26 @@ impl Env {
         })?;
         self.mkdir(&contexts)?;
 
+        let full = self.state.datapath == DevDatapath::Bpf;
         // The underlay: a bridge with the host's address.
         let bridge = naming.bridge();
         let len = topology.underlay.prefix_len();
-        self.record.add(&Resource::Link {
-            name: bridge.clone(),
-        })?;
-        sys::ip(["link", "add", "name", &bridge, "type", "bridge"])?;
-        sys::ip([
-            "addr",
-            "add",
-            &format!("{}/{len}", self.state.host_address),
-            "dev",
-            &bridge,
-        ])?;
-        sys::ip(["link", "set", &bridge, "up"])?;
-
         let cgroup_root = sys::cgroup2_root();
-        let daemons = cgroup_root.join(naming.daemons());
-        self.record.add(&Resource::Cgroup {
-            path: daemons.clone(),
-        })?;
-        std::fs::create_dir(&daemons).map_err(io(&daemons))?;
+        if full {
+            self.record.add(&Resource::Link {
+                name: bridge.clone(),
+            })?;
+            sys::ip(["link", "add", "name", &bridge, "type", "bridge"])?;
+            sys::ip([
+                "addr",
+                "add",
+                &format!("{}/{len}", self.state.host_address),
+                "dev",
+                &bridge,
+            ])?;
+            sys::ip(["link", "set", &bridge, "up"])?;
+            self.make_cgroup(&cgroup_root.join(naming.daemons()))?;
+        }
 
         // Every cluster's addresses first.
         for cluster in &topology.clusters {
@@ -632,11 +714,16 @@ impl Env {
             }
             for node in &spec.nodes {
                 let node_name = node.name.to_string();
+                let agent_api = if full {
+                    SocketAddr::from((node.address, AGENT_PORT))
+                } else {
+                    free_port(Ipv4Addr::LOCALHOST)?
+                };
                 self.state.clusters[ci].nodes.push(NodeState {
                     netns: naming.node(&node_name),
                     cgroup: cgroup_root.join(naming.node(&node_name)),
                     bpf_root: naming.node(&node_name),
-                    agent_api: SocketAddr::from((node.address, AGENT_PORT)),
+                    agent_api,
                     address: node.address,
                     pod_cidr: node.pod_cidr.to_string(),
                     name: node_name,
@@ -644,10 +731,17 @@ impl Env {
             }
             self.write_manifests(ci)?;
             let cluster = self.state.clusters[ci].clone();
+            let daemons = if full {
+                let path = cgroup_root.join(naming.cluster_daemons(&cluster.name));
+                self.make_cgroup(&path)?;
+                Some(path)
+            } else {
+                None
+            };
             let tls = self.write_context(&cluster, topology, certify)?;
             let store_url = format!("https://{}", cluster.store);
             let id = cluster.id.to_string();
-            let mut apiserver = sys::command_in(None, Some(&daemons), &bins.apiserver);
+            let mut apiserver = sys::command_in(None, daemons.as_deref(), &bins.apiserver);
             apiserver
                 .args(["--cluster-name", &cluster.name, "--cluster-id", &id])
                 .args(["--max-connected-clusters", &max, "--manifests"])
@@ -670,7 +764,7 @@ impl Env {
                 apiserver,
                 &logs.join(format!("{}-apiserver.log", cluster.name)),
             )?;
-            let mut kvstoremesh = sys::command_in(None, Some(&daemons), &bins.kvstoremesh);
+            let mut kvstoremesh = sys::command_in(None, daemons.as_deref(), &bins.kvstoremesh);
             kvstoremesh
                 .args(["--cluster-name", &cluster.name, "--cluster-id", &id])
                 .args(["--max-connected-clusters", &max, "--peers-dir"])
@@ -691,17 +785,10 @@ impl Env {
             for node in &cluster.nodes {
                 let link = naming.node_link(node_index);
                 node_index += 1;
-                self.node_network(node, &link, &bridge, len, &cluster)?;
-                self.record.add(&Resource::Cgroup {
-                    path: node.cgroup.clone(),
-                })?;
-                std::fs::create_dir(&node.cgroup).map_err(io(&node.cgroup))?;
-                self.record.add(&Resource::BpfRoot {
-                    path: Path::new(BPFFS).join(&node.bpf_root),
-                })?;
                 let ndir = self.dir.join("nodes").join(&node.name);
                 self.mkdir(&ndir)?;
-                let mut agent = sys::command_in(Some(&node.netns), Some(&daemons), &bins.agent);
+                let netns = full.then_some(node.netns.as_str());
+                let mut agent = sys::command_in(netns, daemons.as_deref(), &bins.agent);
                 agent
                     .args(["--cluster-name", &cluster.name, "--cluster-id", &id])
                     .args(["--max-connected-clusters", &max, "--node-name", &node.name])
@@ -716,10 +803,20 @@ impl Env {
                     .args(["--api-listen", &node.agent_api.to_string(), "--state-file"])
                     .arg(ndir.join("agent.state.json"))
                     .arg("--endpoints-file")
-                    .arg(ndir.join("agent.endpoints.json"))
-                    .args(["--datapath", "bpf", "--bpffs", BPFFS])
-                    .args(["--bpf-root", &node.bpf_root, "--cgroup"])
-                    .arg(&node.cgroup);
+                    .arg(ndir.join("agent.endpoints.json"));
+                if full {
+                    self.node_network(node, &link, &bridge, len, &cluster)?;
+                    self.make_cgroup(&node.cgroup)?;
+                    self.record.add(&Resource::BpfRoot {
+                        path: Path::new(BPFFS).join(&node.bpf_root),
+                    })?;
+                    agent
+                        .args(["--datapath", "bpf", "--bpffs", BPFFS])
+                        .args(["--bpf-root", &node.bpf_root, "--cgroup"])
+                        .arg(&node.cgroup);
+                } else {
+                    agent.args(["--datapath", "none"]);
+                }
                 if let Some(ms) = self.state.agent_grace_ms {
                     agent.args(["--grace", &format!("{ms}ms")]);
                 }
@@ -814,9 +911,10 @@ impl Env {
             agents: spec
                 .nodes
                 .iter()
-                .map(|n| AgentContext {
+                .zip(&cluster.nodes)
+                .map(|(n, state)| AgentContext {
                     node: n.name.clone(),
-                    api: format!("http://{}", SocketAddr::from((n.address, AGENT_PORT))),
+                    api: format!("http://{}", state.agent_api),
                 })
                 .collect(),
             unknown_keys: Vec::new(),
@@ -1095,7 +1193,10 @@ impl Env {
                 continue;
             }
             let node = self.place(ci, &template.placement)?;
-            let pod = self.create_pod(bins, ci, &node, template)?;
+            let pod = match self.state.datapath {
+                DevDatapath::Bpf => self.create_pod(bins, ci, &node, template)?,
+                DevDatapath::None => self.manifest_pod(ci, &node, template)?,
+            };
             self.state.clusters[ci].pods.push(pod);
             self.save()?;
             self.write_manifests(ci)?;
@@ -1167,6 +1268,56 @@ impl Env {
                 .expect("clusters have nodes"),
         };
         Ok(node.clone())
+    }
+
+    /// A pod of an environment without a datapath: an address from its node's pod CIDR (the
+    /// lowest one no pod of the cluster holds), ready, and no process, netns or container.
+    fn manifest_pod(
+        &self,
+        ci: usize,
+        node: &NodeState,
+        template: manifests::PodTemplate,
+    ) -> Result<PodState, DevError> {
+        let cluster = &self.state.clusters[ci];
+        let used: BTreeSet<Ipv4Addr> = cluster.pods.iter().map(|p| p.ip).collect();
+        let (base, len) = node
+            .pod_cidr
+            .split_once('/')
+            .and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?)))
+            .expect("pod CIDRs come from a validated topology");
+        let ip = manifests::allocate_ip(base, len, &used).ok_or_else(|| DevError::Pod {
+            cluster: cluster.name.clone(),
+            detail: format!(
+                "pod {}: node {}'s pod CIDR {} is full",
+                template.name, node.name, node.pod_cidr
+            ),
+        })?;
+        Ok(PodState {
+            namespace: template.namespace,
+            name: template.name,
+            node: node.name.clone(),
+            labels: template.labels,
+            containers: template.containers,
+            ports: template.ports,
+            ip,
+            netns: String::new(),
+            container_id: String::new(),
+            pid: 0,
+            start_time: 0,
+            ready: true,
+            owner: template.owner,
+        })
+    }
+
+    /// Refuses what needs the nodes' namespaces and the pods' processes.
+    pub(crate) fn require_datapath(&self, what: &str) -> Result<(), DevError> {
+        match self.state.datapath {
+            DevDatapath::Bpf => Ok(()),
+            DevDatapath::None => Err(DevError::ControlPlaneOnly {
+                env: self.state.name.clone(),
+                what: what.to_owned(),
+            }),
+        }
     }
 
     fn cni_config(&self, cluster: &str, node: &NodeState) -> String {
@@ -1369,9 +1520,16 @@ impl Env {
     }
 
     fn delete_pod(&mut self, bins: &Binaries, ci: usize, pod: &PodState) -> Result<(), DevError> {
-        sys::stop_process(pod.pid, pod.start_time, Duration::from_secs(2));
         let cluster = self.state.clusters[ci].name.clone();
-        if let Some(node) = self.state.clusters[ci].node(&pod.node).cloned() {
+        let full = self.state.datapath == DevDatapath::Bpf;
+        if full {
+            sys::stop_process(pod.pid, pod.start_time, Duration::from_secs(2));
+        }
+        if let Some(node) = self.state.clusters[ci]
+            .node(&pod.node)
+            .cloned()
+            .filter(|_| full)
+        {
             self.cni(
                 bins,
                 "DEL",
@@ -1380,7 +1538,7 @@ impl Env {
                 (&pod.namespace, &pod.name, &pod.container_id, None),
             )?;
         }
-        if sys::netns_exists(&pod.netns) {
+        if full && sys::netns_exists(&pod.netns) {
             sys::ip(["netns", "del", &pod.netns])?;
         }
         self.state.clusters[ci]
@@ -1399,6 +1557,7 @@ impl Env {
         argv: &[String],
     ) -> Result<Command, DevError> {
         let c = self.cluster(cluster)?;
+        self.require_datapath("dev exec")?;
         let pod = c.pod(pod)?;
         let node = c.node(&pod.node).ok_or_else(|| DevError::Pod {
             cluster: c.name.clone(),
@@ -1466,6 +1625,7 @@ mod tests {
             name: None,
             ready_timeout: Duration::from_secs(1),
             agent_grace: None,
+            datapath: DevDatapath::Bpf,
         };
         /// Every refusal below comes before a certificate is asked for.
         struct Unreached;

@@ -8,19 +8,18 @@
 //! - [`Env::restart_daemon`]: one daemon (an apiserver with its store, a kvstoremesh, an
 //!   agent) is stopped with SIGTERM and started again as it was, as in a rolling restart.
 //! - [`Env::cut_cluster`]: the cluster's nodes lose the underlay (their veths' host ends go
-//!   down) and its store stops answering (an nftables table of the environment drops every
-//!   packet to and from the store's port, silently, as a partition would); nothing is
-//!   killed. [`Env::restore_cluster`] undoes both. The table is in the record, so `down`
-//!   removes it too. The cluster's own apiserver and kvstoremesh reach the store through the
-//!   same address, so they lose it as well: a cut longer than their leases' TTL makes the
-//!   cluster republish everything once restored.
+//!   down) and its store stops answering the other clusters (an nftables table of the
+//!   environment silently drops every packet between the store's port and a socket of
+//!   another cluster's daemons, told apart by their cgroups, as a partition would); nothing
+//!   is killed, and the cluster's own apiserver and kvstoremesh keep their store.
+//!   [`Env::restore_cluster`] undoes both. The table is in the record, so `down` removes it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::env::{DevError, Env, Naming};
+use crate::env::{DevDatapath, DevError, Env, Naming};
 use crate::record::Resource;
 use crate::sys::{self, SysError};
 
@@ -155,8 +154,6 @@ impl Env {
     /// each checked to be running.
     fn cluster_processes(&self, cluster: &str) -> Result<Vec<Process>, FaultError> {
         let c = self.cluster(cluster)?;
-        let naming = Naming::new(&self.state.name);
-        let daemons = sys::cgroup2_root().join(naming.daemons());
         let recorded = self.record.resources().map_err(DevError::from)?;
         // The names `up` records its daemons under; a revived daemon is recorded again, so
         // the last entry of a name is the current process.
@@ -164,32 +161,24 @@ impl Env {
             (format!("{}/apiserver", c.name), None),
             (format!("{}/kvstoremesh", c.name), None),
         ];
+        let full = self.state.datapath == DevDatapath::Bpf;
         for node in &c.nodes {
-            wanted.push((format!("{}/agent", node.name), Some(node.netns.clone())));
+            wanted.push((
+                format!("{}/agent", node.name),
+                full.then(|| node.netns.clone()),
+            ));
         }
         let mut out = Vec::new();
         for (what, netns) in wanted {
             let (pid, start_time) = last_process(&recorded, &what)?;
-            out.push(inspect(
-                what,
-                pid,
-                start_time,
-                netns,
-                daemons.clone(),
-                None,
-            )?);
+            out.push(inspect(what, pid, start_time, netns, None)?);
         }
-        for pod in &c.pods {
-            let node = c.node(&pod.node).ok_or_else(|| DevError::Pod {
-                cluster: c.name.clone(),
-                detail: format!("pod {} is on unknown node {}", pod.name, pod.node),
-            })?;
+        for pod in c.pods.iter().filter(|_| full) {
             out.push(inspect(
                 format!("pod {}/{}/{}", c.name, pod.namespace, pod.name),
                 pod.pid,
                 pod.start_time,
                 Some(pod.netns.clone()),
-                node.cgroup.clone(),
                 Some((pod.namespace.clone(), pod.name.clone())),
             )?);
         }
@@ -319,11 +308,11 @@ impl Env {
             .iter()
             .flat_map(|c| &c.nodes)
             .find(|n| format!("{}/agent", n.name) == what)
+            .filter(|_| self.state.datapath == DevDatapath::Bpf)
             .map(|n| n.netns.clone());
         let recorded = self.record.resources().map_err(DevError::from)?;
         let (pid, start_time) = last_process(&recorded, what)?;
-        let daemons = sys::cgroup2_root().join(Naming::new(&self.state.name).daemons());
-        let p = inspect(what.to_owned(), pid, start_time, netns, daemons, None)?;
+        let p = inspect(what.to_owned(), pid, start_time, netns, None)?;
         let target = nix::unistd::Pid::from_raw(p.pid);
         for signal in [
             nix::sys::signal::Signal::SIGTERM,
@@ -366,10 +355,12 @@ impl Env {
             .collect()
     }
 
-    /// Cuts `cluster` off the underlay: its nodes' veths go down and every packet to or from
-    /// its store's port is dropped; its processes keep running. What was cut, as lines.
+    /// Cuts `cluster` off the underlay: its nodes' veths go down and every packet between its
+    /// store's port and another cluster's daemons is dropped; its processes keep running.
+    /// What was cut, as lines.
     pub fn cut_cluster(&self, cluster: &str) -> Result<Vec<String>, FaultError> {
         let c = self.cluster(cluster)?;
+        self.require_datapath("dev cut")?;
         let _lock = self.lock()?;
         let table = self.cut_table(cluster);
         if nft_table_exists(&table) {
@@ -381,12 +372,20 @@ impl Env {
             })
             .map_err(DevError::from)?;
         let (ip, port) = (c.store.ip().to_string(), c.store.port().to_string());
+        // Only sockets of other clusters' daemons lose the store: a packet's local socket
+        // (the sender's on output, the receiver's on input) is matched by its cgroup, so the
+        // cluster's own apiserver and kvstoremesh keep theirs, as a cluster's control plane
+        // would in a partition between clusters.
+        let naming = Naming::new(&self.state.name);
+        let (all, own) = (naming.daemons(), naming.cluster_daemons(cluster));
+        let others =
+            format!("socket cgroupv2 level 1 \"{all}\" socket cgroupv2 level 2 != \"{own}\"");
         let script = format!(
             "table inet {table} {{\n\
              \tchain output {{ type filter hook output priority -10; \
-             ip daddr {ip} tcp dport {port} drop; ip saddr {ip} tcp sport {port} drop; }}\n\
+             ip daddr {ip} tcp dport {port} {others} drop; }}\n\
              \tchain input {{ type filter hook input priority -10; \
-             ip daddr {ip} tcp dport {port} drop; ip saddr {ip} tcp sport {port} drop; }}\n\
+             ip saddr {ip} tcp sport {port} {others} drop; }}\n\
              }}\n"
         );
         nft_script(&script)?;
@@ -443,7 +442,6 @@ fn inspect(
     pid: i32,
     start_time: u64,
     netns: Option<String>,
-    cgroup: PathBuf,
     pod: Option<(String, String)>,
 ) -> Result<Process, FaultError> {
     if sys::start_time(pid) != Some(start_time) {
@@ -465,6 +463,19 @@ fn inspect(
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
+    let cgroups = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let raw = std::fs::read_to_string(&cgroups).map_err(proc_err(&what, cgroups.clone()))?;
+    // The cgroup2 line is `0::/path`; a process always has one on a kernel with cgroup2.
+    let cgroup = raw
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(|path| sys::cgroup2_root().join(path.trim_start_matches('/')))
+        .ok_or_else(|| FaultError::Proc {
+            what: what.clone(),
+            pid,
+            path: cgroups.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no cgroup2 line"),
+        })?;
     let stdout = PathBuf::from(format!("/proc/{pid}/fd/1"));
     let log = std::fs::read_link(&stdout).map_err(proc_err(&what, stdout.clone()))?;
     Ok(Process {
@@ -489,11 +500,21 @@ pub(crate) fn nft_table_exists(name: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Runs an nftables script (`nft -f -`).
+/// Runs an nftables script (`nft -f -`). nft resolves `socket cgroupv2` paths under
+/// `/sys/fs/cgroup` only, which is not where every host mounts cgroup2 (hybrid hosts have it
+/// at `/sys/fs/cgroup/unified`), so it runs in a mount namespace of its own with the cgroup2
+/// hierarchy mounted there; the rules it loads hold cgroup ids, the same in every namespace.
 fn nft_script(script: &str) -> Result<(), FaultError> {
     use std::io::Write;
-    let mut child = std::process::Command::new("nft")
-        .args(["-f", "-"])
+    let mut child = std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec nft -f -",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -532,7 +553,7 @@ mod tests {
 
     #[test]
     fn a_dead_process_cannot_be_inspected_and_a_live_one_gives_its_command_line() {
-        let err = inspect("x".into(), i32::MAX, 1, None, "/".into(), None).unwrap_err();
+        let err = inspect("x".into(), i32::MAX, 1, None, None).unwrap_err();
         assert!(
             err.to_string()
                 .contains("x (pid 2147483647) is not running"),
@@ -551,7 +572,6 @@ mod tests {
                 started.pid,
                 started.start_time,
                 None,
-                "/".into(),
                 None,
             )
             .unwrap();
@@ -562,6 +582,13 @@ mod tests {
         };
         assert_eq!(p.argv, ["sleep", "30"]);
         assert_eq!(p.log, log);
+        // Started in no cgroup of its own: it is in ours.
+        let ours = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let ours = ours.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        assert_eq!(
+            p.cgroup,
+            sys::cgroup2_root().join(ours.trim_start_matches('/'))
+        );
         assert!(sys::stop_process(
             started.pid,
             started.start_time,

@@ -26,7 +26,7 @@ pub mod sys;
 pub mod tls;
 pub mod topology;
 
-pub use env::{Binaries, DevError, Env, EnvState, Naming, UpOptions, down};
+pub use env::{Binaries, DevDatapath, DevError, Env, EnvState, Naming, UpOptions, down};
 pub use faults::FaultError;
 pub use home::MeshHome;
 pub use tls::{Certify, CertifyError, ClusterTls, IdentityFiles};
