@@ -186,16 +186,24 @@ async fn publish_until_failure(
                     metrics,
                 );
                 let translated = started.elapsed();
-                let mut writes = 0;
+                // Every kind's changes in one batch: one transaction (within the store's
+                // limits), so a change that touches several kinds (a pod's IP entry and its
+                // service's backends) is seen at one revision, for one write's latency.
+                let mut ops = Vec::new();
+                let mut changed = Vec::new();
                 for kind in PUBLISHED_KINDS {
                     let want = next.entries.remove(&kind).unwrap_or_default();
                     let have = known.entry(kind).or_default();
-                    let ops = diff_ops(&want, have, lease.id());
-                    if !ops.is_empty() {
-                        writes += ops.len();
-                        apply(client, ops, metrics).await?;
-                        *have = want;
+                    let kind_ops = diff_ops(&want, have, lease.id());
+                    if !kind_ops.is_empty() {
+                        ops.extend(kind_ops);
+                        changed.push((kind, want));
                     }
+                }
+                let writes = ops.len();
+                if writes > 0 {
+                    apply(client, ops, metrics).await?;
+                    known.extend(changed);
                 }
                 report(status, &known, metrics, true);
                 tracing::debug!(?translated, total = ?started.elapsed(), writes, "change published");

@@ -1158,7 +1158,10 @@ impl Env {
             if key.0 == "Service" {
                 self.assign_cluster_ip(ci, &object, &key)?;
             }
-            changed.push(format!("{} {}/{}", key.0, key.1, key.2));
+            changed.push(match key.1.as_str() {
+                "" => format!("{} {}", key.0, key.2),
+                namespace => format!("{} {namespace}/{}", key.0, key.2),
+            });
             let objects = &mut self.state.clusters[ci].objects;
             match objects.iter_mut().find(|o| manifests::object_key(o) == key) {
                 Some(old) => *old = object,
