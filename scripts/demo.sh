@@ -93,8 +93,8 @@ done
 step "failover: every process of cluster b is killed (its store, kvstoremesh, agent and pods)"
 run "$cm" dev kill -c b
 run "$cm" status || true
-step "a's agent withdraws b's backends after its grace (5 s): a's service table holds a's backend only"
-sleep 6
+step "a's agent withdraws b's backends after its grace (1 s): a's service table holds a's backend only"
+sleep 2
 table a b
 probe a
 

@@ -29,7 +29,7 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
-            grace: Duration::from_secs(5),
+            grace: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(15),
         }
     }

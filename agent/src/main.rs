@@ -83,7 +83,9 @@ struct Args {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     persist_interval: Duration,
     /// How long a peer may be lost (connection or heartbeat) before its backends are demoted.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Short: demoted backends are still used when nothing healthier exists, so a lost peer
+    /// costs failed connections until then, and a blip only moves traffic for a moment.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     grace: Duration,
     /// How long a peer's heartbeat may stay unchanged before it counts as lost.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
