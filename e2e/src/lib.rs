@@ -6,6 +6,8 @@
 //! failed requests in between.
 //! The scenarios are in `tests/`; they need root and skip with a message without it.
 
+pub mod app;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -7,40 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_e2e::{DevEnv, answers_per_cluster, wait_for};
+use mesh_e2e::{DevEnv, answers_per_cluster, app, wait_for};
 use serde_json::Value;
 use testkit::sandbox::is_root;
-
-/// One echo backend per cluster behind the global `echo` service, and a client pod.
-const APP: &str = "
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: shop}
-spec:
-  replicas: 1
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      containers:
-      - name: echo
-        ports: [{name: http, containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: echo
-  namespace: shop
-  annotations: {service.cilium.io/global: 'true'}
-spec:
-  selector: {app: echo}
-  ports:
-  - {name: http, port: 80, targetPort: http}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: shop, labels: {app: client}}
-spec: {containers: [{name: client}]}
-";
 
 /// After `disconnect`, the agents demote the peer's backends once it has been lost for their
 /// `--grace` (5 s); kvstoremesh drains its cache after `--peer-removal-grace` (30 s).
@@ -96,7 +65,11 @@ fn connect_status_disconnect_over_tls() {
     }
 
     for c in ["a", "b"] {
-        env.apply(c, APP).unwrap();
+        env.apply(
+            c,
+            &app::documents(&[app::global_echo(1), app::client("client")]),
+        )
+        .unwrap();
     }
     let vip = env.state().unwrap().cluster("a").unwrap().cluster_ips["shop/echo"].to_string();
 

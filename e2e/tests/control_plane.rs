@@ -13,29 +13,8 @@
 use std::time::Duration;
 
 use mesh_devenv::sys::http_get;
-use mesh_e2e::{DevEnv, topology, wait_for};
+use mesh_e2e::{DevEnv, app, topology, wait_for};
 use serde_json::Value;
-
-const APP: &str = "
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: shop}
-spec:
-  replicas: 1
-  template:
-    metadata: {labels: {app: echo}}
-    spec: {containers: [{name: echo, ports: [{name: http, containerPort: 8080}]}]}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: echo
-  namespace: shop
-  annotations: {service.cilium.io/global: 'true'}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
-";
 
 /// How long the mesh may take to sync after `up` or `revive`, or to withdraw a killed
 /// cluster on a loaded machine.
@@ -83,7 +62,7 @@ fn the_control_plane_alone_merges_and_withdraws_without_root() {
         started.elapsed()
     );
     for cluster in ["a", "b"] {
-        env.apply(cluster, APP).unwrap();
+        env.apply(cluster, &app::global_echo(1)).unwrap();
     }
     let state = env.state().unwrap();
     let api = state.cluster("a").unwrap().nodes[0].agent_api;

@@ -18,46 +18,8 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_e2e::{DevEnv, HarnessError, Recovery, answers_per_cluster, wait_for};
+use mesh_e2e::{DevEnv, HarnessError, Recovery, answers_per_cluster, app, wait_for};
 use testkit::sandbox::is_root;
-
-/// One echo backend per cluster behind the global `echo` (affinity `remote`) and `spread`
-/// (no affinity) services, and a client pod.
-const APP: &str = "
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: shop}
-spec:
-  replicas: 1
-  template:
-    metadata: {labels: {app: echo}}
-    spec: {containers: [{name: echo, ports: [{name: http, containerPort: 8080}]}]}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: echo
-  namespace: shop
-  annotations: {service.cilium.io/global: 'true', service.cilium.io/affinity: remote}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: spread
-  namespace: shop
-  annotations: {service.cilium.io/global: 'true'}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: shop, labels: {app: client}}
-spec: {containers: [{name: client}]}
-";
 
 /// The agents' withdrawal grace in the scenario.
 const GRACE: Duration = Duration::from_secs(1);
@@ -70,7 +32,22 @@ const PARTITION_DETECTION: Duration = Duration::from_secs(7);
 /// reconnects with a backoff of up to 10 s).
 const RETURN: Duration = Duration::from_secs(60);
 
-/// An environment with `APP` in both clusters, `a`'s client answered by `b` only: and the
+/// One echo backend per cluster behind the global `echo` (affinity `remote`) and `spread`
+/// (no affinity) services, and a client pod.
+fn workload() -> String {
+    app::documents(&[
+        app::deployment("echo", 1),
+        app::service(
+            "echo",
+            "echo",
+            &format!("{}, service.cilium.io/affinity: remote", app::GLOBAL),
+        ),
+        app::service("spread", "echo", app::GLOBAL),
+        app::client("client"),
+    ])
+}
+
+/// An environment with [`workload`] in both clusters, `a`'s client answered by `b` only: and the
 /// `echo` and `spread` addresses in `a`.
 fn setup(underlay: &str, grace: Option<Duration>) -> (DevEnv, String, String) {
     let grace = grace.map(|g| format!("{}ms", g.as_millis()));
@@ -80,7 +57,7 @@ fn setup(underlay: &str, grace: Option<Duration>) -> (DevEnv, String, String) {
     }
     let env = DevEnv::up_on_underlay("two-clusters.yaml", underlay, &extra).unwrap();
     for cluster in ["a", "b"] {
-        env.apply(cluster, APP).unwrap();
+        env.apply(cluster, &workload()).unwrap();
     }
     let state = env.state().unwrap();
     let ips = &state.cluster("a").unwrap().cluster_ips;

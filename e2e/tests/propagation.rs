@@ -14,39 +14,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bpf::{Frontend4, PinnedServices};
 use mesh_devenv::sys::http_get;
-use mesh_e2e::{DevEnv, wait_for};
+use mesh_e2e::{DevEnv, app, wait_for};
 use testkit::sandbox::is_root;
 
 const CHANGES: usize = 100;
-
-fn app(replicas: usize) -> String {
-    format!(
-        "
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: echo, namespace: shop}}
-spec:
-  replicas: {replicas}
-  template:
-    metadata: {{labels: {{app: echo}}}}
-    spec:
-      containers:
-      - name: echo
-        ports: [{{name: http, containerPort: 8080}}]
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: echo
-  namespace: shop
-  annotations: {{service.cilium.io/global: 'true'}}
-spec:
-  selector: {{app: echo}}
-  ports:
-  - {{name: http, port: 80, targetPort: http}}
-"
-    )
-}
 
 /// How many of cluster b's backends the agent at `api` lists (one service, one port).
 fn b_backends(api: SocketAddr) -> Result<usize, String> {
@@ -124,8 +95,8 @@ fn backend_change_in_b_to_agent_of_a() {
     assert!(is_root(), "needs root (network namespaces, cgroups, eBPF)");
     let mut env =
         DevEnv::up_on_underlay("two-clusters.yaml", "10.245.0.0/16", &["--connect"]).unwrap();
-    env.apply("a", &app(1)).unwrap();
-    env.apply("b", &app(1)).unwrap();
+    env.apply("a", &app::global_echo(1)).unwrap();
+    env.apply("b", &app::global_echo(1)).unwrap();
     let state = env.state().unwrap();
     let node = &state.cluster("a").unwrap().nodes[0];
     let api = node.agent_api;
@@ -161,7 +132,7 @@ fn backend_change_in_b_to_agent_of_a() {
         let (api_seen, map_seen) = std::thread::scope(|s| {
             let by_api = s.spawn(|| seen(replicas, || b_backends(api)));
             let by_map = s.spawn(|| seen(replicas, || b_backends_in_map(&pins, frontend, &b_pods)));
-            env.apply("b", &app(replicas)).unwrap();
+            env.apply("b", &app::global_echo(replicas)).unwrap();
             (by_api.join().unwrap(), by_map.join().unwrap())
         });
         let written = std::fs::metadata(&manifests).unwrap().modified().unwrap();

@@ -12,35 +12,8 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mesh_e2e::{DevEnv, answers_per_cluster, wait_for};
+use mesh_e2e::{DevEnv, answers_per_cluster, app, wait_for};
 use testkit::sandbox::is_root;
-
-/// One echo backend per cluster behind the global `echo` service, and a client pod.
-const APP: &str = "
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: shop}
-spec:
-  replicas: 1
-  template:
-    metadata: {labels: {app: echo}}
-    spec: {containers: [{name: echo, ports: [{name: http, containerPort: 8080}]}]}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: echo
-  namespace: shop
-  annotations: {service.cilium.io/global: 'true'}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: shop, labels: {app: client}}
-spec: {containers: [{name: client}]}
-";
 
 /// The daemons restarted, in turn.
 const RESTARTED: [&str; 3] = ["a-node-1/agent", "a/kvstoremesh", "b/apiserver"];
@@ -87,7 +60,11 @@ fn restarting_an_agent_a_kvstoremesh_and_an_apiserver_interrupts_no_connection()
     let mut env =
         DevEnv::up_on_underlay("two-clusters.yaml", "10.243.0.0/16", &["--connect"]).unwrap();
     for cluster in ["a", "b"] {
-        env.apply(cluster, APP).unwrap();
+        env.apply(
+            cluster,
+            &app::documents(&[app::global_echo(1), app::client("client")]),
+        )
+        .unwrap();
     }
     let state = env.state().unwrap();
     let echo = format!(

@@ -14,38 +14,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mesh_e2e::{DevEnv, answers_per_cluster, wait_for};
+use mesh_e2e::{DevEnv, answers_per_cluster, app, wait_for};
 use testkit::sandbox::is_root;
-
-/// One echo backend behind the global `echo` service, applied in every cluster.
-const APP: &str = "
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: shop}
-spec:
-  replicas: 1
-  template:
-    metadata: {labels: {app: echo}}
-    spec: {containers: [{name: echo, ports: [{name: http, containerPort: 8080}]}]}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: echo
-  namespace: shop
-  annotations: {service.cilium.io/global: 'true'}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
-";
-
-/// The client pod, in `a` only.
-const CLIENT: &str = "
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: shop, labels: {app: client}}
-spec: {containers: [{name: client}]}
-";
 
 /// The agents' withdrawal grace in the scenario.
 const GRACE: Duration = Duration::from_secs(1);
@@ -102,9 +72,9 @@ fn three_clusters_answer_and_a_killed_one_is_withdrawn_and_comes_back() {
     .unwrap();
     eprintln!("dev up --connect: {:?}", started.elapsed());
     for cluster in ["a", "b", "c"] {
-        env.apply(cluster, APP).unwrap();
+        env.apply(cluster, &app::global_echo(1)).unwrap();
     }
-    env.apply("a", CLIENT).unwrap();
+    env.apply("a", &app::client("client")).unwrap();
     let state = env.state().unwrap();
     let echo = format!(
         "{}:80",
