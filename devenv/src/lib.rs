@@ -3,10 +3,10 @@
 //! - [`topology`]: the `kind-configs/<name>.yaml` format: which clusters, their ids, pod and
 //!   service CIDRs and nodes; validated as a whole, with every node's pod CIDR and underlay
 //!   address derived from it, and the same topology as real `kind` cluster configs.
-//! - [`env`]: an environment built from a topology: per cluster an apiserver hosting its
-//!   store and a kvstoremesh, per node a network namespace on a shared bridge with its agent
-//!   and eBPF datapath, pods attached by `clustermesh-cni` running `mesh-echo`; `apply`,
-//!   `exec` and `down`.
+//! - [`env`](mod@env): an environment built from a topology: per cluster an apiserver hosting
+//!   its store and a kvstoremesh, per node a network namespace on a shared bridge with its
+//!   agent and eBPF datapath, pods attached by `clustermesh-cni` running `mesh-echo` (or, with
+//!   `--datapath none`, the control plane alone on loopback); `apply`, `exec` and `down`.
 //! - [`manifests`]: a cluster's objects written as Kubernetes holds them (pods with their
 //!   addresses, services with cluster IPs, EndpointSlices from selectors and readiness).
 //! - [`faults`]: disaster-recovery faults and their undo: kill every process of a cluster and
