@@ -88,6 +88,9 @@ pub enum DevError {
         /// What was asked.
         what: String,
     },
+    /// A prefix of the environment is not IPv4.
+    #[error("{0}: environments are IPv4 only")]
+    NotIpv4(model::IpPrefix),
     /// A workspace binary is missing.
     #[error("{0} not found (build the workspace: cargo build --workspace)")]
     MissingBinary(PathBuf),
@@ -289,7 +292,7 @@ pub struct NodeState {
     /// Its underlay address.
     pub address: Ipv4Addr,
     /// Its pod CIDR.
-    pub pod_cidr: String,
+    pub pod_cidr: model::IpPrefix,
     /// Its network namespace.
     pub netns: String,
     /// The cgroup of its pods (its agent's load balancer serves it).
@@ -339,7 +342,7 @@ pub struct ClusterState {
     /// Its id.
     pub id: u16,
     /// Its service CIDR.
-    pub service_cidr: String,
+    pub service_cidr: model::IpPrefix,
     /// Its store, on the underlay.
     pub store: SocketAddr,
     /// The apiserver's health server.
@@ -495,10 +498,12 @@ fn free_port(ip: Ipv4Addr) -> Result<SocketAddr, DevError> {
         .map_err(|e| DevError::InUse(format!("no free port on {ip}: {e}")))
 }
 
-fn v4(prefix: &model::IpPrefix) -> Ipv4Addr {
+/// The IPv4 network of `prefix`: environments are IPv4 only (topologies are checked when
+/// parsed; a hand-edited `env.json` is refused here).
+fn v4(prefix: &model::IpPrefix) -> Result<Ipv4Addr, DevError> {
     match prefix.addr() {
-        std::net::IpAddr::V4(a) => a,
-        std::net::IpAddr::V6(_) => unreachable!("topologies are IPv4 only (checked by parse)"),
+        std::net::IpAddr::V4(a) => Ok(a),
+        std::net::IpAddr::V6(_) => Err(DevError::NotIpv4(*prefix)),
     }
 }
 
@@ -597,7 +602,7 @@ impl Env {
                 naming.bridge()
             )));
         }
-        let underlay = v4(&topology.underlay);
+        let underlay = v4(&topology.underlay)?;
         let taken = if full {
             addresses_within(underlay, topology.underlay.prefix_len())?
         } else {
@@ -695,7 +700,7 @@ impl Env {
             self.state.clusters.push(ClusterState {
                 name: cluster.name.to_string(),
                 id: cluster.id.get(),
-                service_cidr: cluster.service_cidr.to_string(),
+                service_cidr: cluster.service_cidr,
                 store: free_port(host)?,
                 apiserver_health: free_port(loopback)?,
                 kvstoremesh_health: free_port(loopback)?,
@@ -725,7 +730,7 @@ impl Env {
                     bpf_root: naming.node(&node_name),
                     agent_api,
                     address: node.address,
-                    pod_cidr: node.pod_cidr.to_string(),
+                    pod_cidr: node.pod_cidr,
                     name: node_name,
                 });
             }
@@ -875,7 +880,7 @@ impl Env {
                 ns,
                 "route",
                 "add",
-                &other.pod_cidr,
+                &other.pod_cidr.to_string(),
                 "via",
                 &other.address.to_string(),
             ])?;
@@ -1106,7 +1111,7 @@ impl Env {
             .iter()
             .map(|n| NodeView {
                 name: &n.name,
-                pod_cidr: n.pod_cidr.clone(),
+                pod_cidr: n.pod_cidr.to_string(),
                 address: n.address,
             })
             .collect();
@@ -1238,17 +1243,13 @@ impl Env {
             None => match cluster.cluster_ips.get(&id) {
                 Some(ip) => *ip,
                 None => {
-                    let (base, len) = cluster
-                        .service_cidr
-                        .split_once('/')
-                        .and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?)))
-                        .expect("service CIDRs come from a validated topology");
-                    manifests::allocate_ip(base, len, &used).ok_or_else(|| {
-                        DevError::ServiceCidrFull {
+                    let cidr = cluster.service_cidr;
+                    manifests::allocate_ip(v4(&cidr)?, cidr.prefix_len(), &used).ok_or_else(
+                        || DevError::ServiceCidrFull {
                             cluster: cluster.name.clone(),
-                            cidr: cluster.service_cidr.clone(),
-                        }
-                    })?
+                            cidr: cidr.to_string(),
+                        },
+                    )?
                 }
             },
         };
@@ -1283,17 +1284,15 @@ impl Env {
     ) -> Result<PodState, DevError> {
         let cluster = &self.state.clusters[ci];
         let used: BTreeSet<Ipv4Addr> = cluster.pods.iter().map(|p| p.ip).collect();
-        let (base, len) = node
-            .pod_cidr
-            .split_once('/')
-            .and_then(|(b, l)| Some((b.parse().ok()?, l.parse().ok()?)))
-            .expect("pod CIDRs come from a validated topology");
-        let ip = manifests::allocate_ip(base, len, &used).ok_or_else(|| DevError::Pod {
-            cluster: cluster.name.clone(),
-            detail: format!(
-                "pod {}: node {}'s pod CIDR {} is full",
-                template.name, node.name, node.pod_cidr
-            ),
+        let cidr = node.pod_cidr;
+        let ip = manifests::allocate_ip(v4(&cidr)?, cidr.prefix_len(), &used).ok_or_else(|| {
+            DevError::Pod {
+                cluster: cluster.name.clone(),
+                detail: format!(
+                    "pod {}: node {}'s pod CIDR {} is full",
+                    template.name, node.name, node.pod_cidr
+                ),
+            }
         })?;
         Ok(PodState {
             namespace: template.namespace,
@@ -1325,7 +1324,7 @@ impl Env {
 
     fn cni_config(&self, cluster: &str, node: &NodeState) -> String {
         serde_json::json!({"cniVersion": "1.0.0", "name": format!("mesh-{cluster}"),
-            "type": "clustermesh-cni", "podCIDR": node.pod_cidr,
+            "type": "clustermesh-cni", "podCIDR": node.pod_cidr.to_string(),
             "agent": node.agent_api.to_string(),
             "dataDir": self.dir.join("nodes").join(&node.name).join("cni")})
         .to_string()

@@ -8,13 +8,14 @@
 //! b's store → a's kvstoremesh (TLS) → a's store → a's agent → the kernel map. Prints
 //! p50 / p90 / p99 / max of both.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use bpf::{Frontend4, PinnedServices};
 use mesh_devenv::sys::http_get;
 use mesh_e2e::{DevEnv, app, wait_for};
+use model::IpPrefix;
 use testkit::sandbox::is_root;
 
 const CHANGES: usize = 100;
@@ -28,32 +29,18 @@ fn b_backends(api: SocketAddr) -> Result<usize, String> {
     Ok(body.matches(r#""cluster":"b""#).count())
 }
 
-/// A pod CIDR as (network, prefix length).
-fn cidr(text: &str) -> (u32, u32) {
-    let (net, len) = text.split_once('/').expect("a CIDR");
-    (
-        u32::from(net.parse::<Ipv4Addr>().expect("a CIDR's address")),
-        len.parse().expect("a CIDR's length"),
-    )
-}
-
-fn within(ip: Ipv4Addr, (net, len): (u32, u32)) -> bool {
-    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-    u32::from(ip) & mask == net & mask
-}
-
 /// How many of cluster b's backends the map pinned under `pins` holds for `frontend`.
 fn b_backends_in_map(
     pins: &Path,
     frontend: Frontend4,
-    b_pods: &[(u32, u32)],
+    b_pods: &[IpPrefix],
 ) -> Result<usize, String> {
     let map = PinnedServices::open(pins).map_err(|e| e.to_string())?;
     let backends = map.backends(frontend).map_err(|e| e.to_string())?;
     Ok(backends
         .unwrap_or_default()
         .iter()
-        .filter(|(ip, _)| b_pods.iter().any(|c| within(*ip, *c)))
+        .filter(|(ip, _)| b_pods.iter().any(|c| c.contains(IpAddr::V4(*ip))))
         .count())
 }
 
@@ -106,12 +93,12 @@ fn backend_change_in_b_to_agent_of_a() {
         port: 80,
         proto: 6,
     };
-    let b_pods: Vec<(u32, u32)> = state
+    let b_pods: Vec<IpPrefix> = state
         .cluster("b")
         .unwrap()
         .nodes
         .iter()
-        .map(|n| cidr(&n.pod_cidr))
+        .map(|n| n.pod_cidr)
         .collect();
     let manifests = env
         .home()
