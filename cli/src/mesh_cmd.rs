@@ -181,13 +181,20 @@ pub fn enable(args: EnableArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+/// The mesh the arguments' context names and the links they ask for, checked before anything
+/// is written.
+fn mesh_and_links(args: &ConnectArgs) -> anyhow::Result<(Mesh, Vec<connect::Link>)> {
     let mesh = args.context.load()?;
     let links = connect::links(
         &args.source,
         &args.destinations,
         args.connection_mode.into(),
     )?;
+    Ok((mesh, links))
+}
+
+pub fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let (mesh, links) = mesh_and_links(&args)?;
     let done = connect::connect(&mesh, &links)?;
     for link in &done.links {
         println!("connected: {link}");
@@ -200,12 +207,7 @@ pub fn connect(args: ConnectArgs) -> anyhow::Result<()> {
 }
 
 pub fn disconnect(args: ConnectArgs) -> anyhow::Result<()> {
-    let mesh = args.context.load()?;
-    let links = connect::links(
-        &args.source,
-        &args.destinations,
-        args.connection_mode.into(),
-    )?;
+    let (mesh, links) = mesh_and_links(&args)?;
     let done = connect::disconnect(&mesh, &links)?;
     for link in &links {
         println!("disconnected: {link}");
