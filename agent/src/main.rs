@@ -97,6 +97,10 @@ struct Args {
     /// Direct reads: how often each peer's heartbeat and config are read.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     probe_interval: Duration,
+    /// Direct reads: how long one such read may take (a partitioned peer is noticed within
+    /// the interval plus this).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_timeout: Duration,
     /// Direct reads: how often the peers directory is read.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     peers_poll_interval: Duration,
@@ -255,6 +259,7 @@ impl Args {
             watch: WatchTiming {
                 progress_interval: self.watch_progress_interval,
                 probe_interval: self.probe_interval,
+                probe_timeout: self.probe_timeout,
                 peers_poll_interval: self.peers_poll_interval,
                 request_timeout: self.request_timeout,
                 backoff_base: self.backoff_base,

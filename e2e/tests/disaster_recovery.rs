@@ -8,8 +8,8 @@
 //!   traffic must return to `b`, as the affinity asks.
 //! - `clustermesh dev cut -c b` cuts `b` off the underlay (its node's link down, its store's
 //!   packets dropped silently, nothing killed): no connection is refused, so the partition
-//!   is seen when `a`'s kvstoremesh's next check of the peer (every `--probe-interval`, 2 s)
-//!   times out (`--peer-request-timeout`, 5 s), and the bound adds those 7 s;
+//!   is seen when `a`'s kvstoremesh's next check of the peer (every `--probe-interval`, 1 s)
+//!   times out (`--probe-timeout`, 1 s), and the bound adds those 2 s;
 //!   `dev restore -c b` undoes it.
 //!
 //! The time from each fault to the first success and the failed requests in between are
@@ -25,9 +25,9 @@ use testkit::sandbox::is_root;
 const GRACE: Duration = Duration::from_secs(1);
 /// What a loaded 2-core machine may add to the grace before `a` answers again.
 const MARGIN: Duration = Duration::from_secs(10);
-/// How long a silent partition may go unseen: kvstoremesh's probe interval (2 s) and its
-/// peer request timeout (5 s).
-const PARTITION_DETECTION: Duration = Duration::from_secs(7);
+/// How long a silent partition may go unseen: kvstoremesh's probe interval (1 s) and its
+/// probe timeout (1 s).
+const PARTITION_DETECTION: Duration = Duration::from_secs(2);
 /// How long a revived or restored cluster may take to get its traffic back (kvstoremesh
 /// reconnects with a backoff of up to 10 s).
 const RETURN: Duration = Duration::from_secs(60);

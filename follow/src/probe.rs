@@ -1,6 +1,12 @@
 //! One look at a peer's store: is it still the store followed so far, what cluster config
 //! does it publish, and its heartbeat. kvstoremesh and the agent's direct mode look the same
 //! way, at the start of every session and every probe interval.
+//!
+//! The look has a deadline of its own, shorter than a request's: a partition drops packets
+//! without refusing anything, so the look that does not come back in time is how a silent
+//! peer is noticed, and how soon decides how long clients keep using its backends.
+
+use std::time::Duration;
 
 use kvstore::client::{Error as StoreError, StoreClient};
 use model::ClusterName;
@@ -40,8 +46,25 @@ pub struct Probe {
     pub heartbeat: Heartbeat,
 }
 
-/// Looks at `peer`'s store through `client`, checking it against `witness`.
+/// Looks at `peer`'s store through `client`, checking it against `witness`; a look that
+/// takes longer than `timeout` is [`StoreError::Timeout`] (op `probe`).
 pub async fn probe(
+    client: &StoreClient,
+    peer: &ClusterName,
+    witness: &mut StoreWitness,
+    timeout: Duration,
+) -> Result<Probe, StoreError> {
+    match tokio::time::timeout(timeout, look(client, peer, witness)).await {
+        Ok(found) => found,
+        Err(_) => Err(StoreError::Timeout {
+            op: "probe",
+            endpoints: client.endpoints().to_owned(),
+            after: timeout,
+        }),
+    }
+}
+
+async fn look(
     client: &StoreClient,
     peer: &ClusterName,
     witness: &mut StoreWitness,

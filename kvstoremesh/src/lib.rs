@@ -65,7 +65,10 @@ pub struct Timing {
     /// How often each peer's store is checked (answers, same store, same config) and its
     /// heartbeat copied.
     pub probe_interval: Duration,
-    /// Timeout of each request to a peer; a frozen peer is noticed after about this long.
+    /// How long one check may take: a peer cut off by a partition (nothing refused, nothing
+    /// answered) is noticed within `probe_interval` + this.
+    pub probe_timeout: Duration,
+    /// Timeout of each request to a peer (listings, cache writes' reads).
     pub peer_request_timeout: Duration,
     /// First reconnect delay (jittered, doubling).
     pub backoff_base: Duration,
@@ -82,7 +85,8 @@ impl Default for Timing {
             peers_poll_interval: Duration::from_secs(1),
             peer_removal_grace: Duration::from_secs(30),
             first_sync_timeout: Duration::from_secs(60),
-            probe_interval: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(1),
             peer_request_timeout: Duration::from_secs(5),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
@@ -99,6 +103,7 @@ impl Timing {
             ("peers_poll_interval", self.peers_poll_interval),
             ("first_sync_timeout", self.first_sync_timeout),
             ("probe_interval", self.probe_interval),
+            ("probe_timeout", self.probe_timeout),
             ("peer_request_timeout", self.peer_request_timeout),
             ("backoff_base", self.backoff_base),
             ("backoff_max", self.backoff_max),

@@ -57,8 +57,12 @@ struct Args {
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
     first_sync_timeout: Duration,
     /// How often each peer's store identity, config and heartbeat are checked.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     probe_interval: Duration,
+    /// How long one check may take: a partitioned peer is noticed within the probe interval
+    /// plus this.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_timeout: Duration,
     /// Timeout of each request to a peer.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     peer_request_timeout: Duration,
@@ -104,6 +108,7 @@ impl Args {
                 peer_removal_grace: self.peer_removal_grace,
                 first_sync_timeout: self.first_sync_timeout,
                 probe_interval: self.probe_interval,
+                probe_timeout: self.probe_timeout,
                 peer_request_timeout: self.peer_request_timeout,
                 backoff_base: self.backoff_base,
                 backoff_max: self.backoff_max,

@@ -381,9 +381,14 @@ impl Mirror {
 
         // The store first (a replaced store invalidates every revision we hold), then who
         // the peer is, before anything of it is read.
-        let found = peer_follow::probe(client, &self.peer, &mut self.witness)
-            .await
-            .map_err(peer_error)?;
+        let found = peer_follow::probe(
+            client,
+            &self.peer,
+            &mut self.witness,
+            self.shared.timing.probe_timeout,
+        )
+        .await
+        .map_err(peer_error)?;
         if let Some(reason) = &found.replaced {
             self.store_replaced(reason);
         }
@@ -621,9 +626,14 @@ impl Mirror {
     /// The periodic check: the peer answers, is the same store, has the same config; and
     /// the heartbeat is copied.
     async fn probe(&mut self, client: &StoreClient) -> Result<(), End> {
-        let found = peer_follow::probe(client, &self.peer, &mut self.witness)
-            .await
-            .map_err(peer_error)?;
+        let found = peer_follow::probe(
+            client,
+            &self.peer,
+            &mut self.witness,
+            self.shared.timing.probe_timeout,
+        )
+        .await
+        .map_err(peer_error)?;
         if let Some(reason) = found.replaced {
             self.store_replaced(&reason);
             return Err(End::Restart("store-replaced"));

@@ -54,6 +54,9 @@ pub struct WatchTiming {
     pub progress_interval: Duration,
     /// Direct reads: how often a peer's heartbeat and cluster config are read.
     pub probe_interval: Duration,
+    /// Direct reads: how long one such read may take (a partitioned peer is noticed within
+    /// the interval plus this).
+    pub probe_timeout: Duration,
     /// Direct reads: how often the peers directory is read.
     pub peers_poll_interval: Duration,
     /// Timeout of one request to a peer's store (direct reads).
@@ -71,6 +74,7 @@ impl Default for WatchTiming {
         WatchTiming {
             progress_interval: Duration::from_millis(200),
             probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(1),
             peers_poll_interval: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             backoff_base: Duration::from_millis(200),
@@ -688,12 +692,13 @@ impl DirectSession {
     async fn probe(
         &mut self,
         client: &StoreClient,
+        timeout: Duration,
         out: &mut Vec<PeerUpdate>,
     ) -> Result<Option<String>, RemoteError> {
         if let Some(next) = self.resume {
             self.witness.note_revision(next - 1);
         }
-        let found = peer_follow::probe(client, &self.peer, &mut self.witness).await?;
+        let found = peer_follow::probe(client, &self.peer, &mut self.witness, timeout).await?;
         if found.config != self.config || self.tracker.phase() == Phase::Refused {
             self.config = found.config.clone();
             if found.config.is_some() {
@@ -727,7 +732,7 @@ impl DirectSession {
         backoff: &mut Backoff,
     ) -> Result<(), RemoteError> {
         let mut out = Vec::new();
-        if let Some(reason) = self.probe(client, &mut out).await? {
+        if let Some(reason) = self.probe(client, timing.probe_timeout, &mut out).await? {
             tracing::info!(reason, "the peer's store was replaced; listing again");
             self.resume = None;
         }
@@ -778,7 +783,7 @@ impl DirectSession {
                     }
                 }
                 _ = probe.tick() => {
-                    if let Some(reason) = self.probe(client, &mut out).await? {
+                    if let Some(reason) = self.probe(client, timing.probe_timeout, &mut out).await? {
                         return Err(RemoteError::Replaced(reason));
                     }
                 }

@@ -56,6 +56,7 @@ pub fn timing() -> Timing {
         peer_removal_grace: Duration::from_secs(1),
         first_sync_timeout: Duration::from_secs(30),
         probe_interval: Duration::from_millis(500),
+        probe_timeout: Duration::from_secs(1),
         peer_request_timeout: Duration::from_secs(2),
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_secs(2),
