@@ -6,20 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::tables::{EnforcementEntry, PolicyEntry, TableCounts};
 
-/// A peer's phase, as the API shows it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// No accepted cluster config yet.
-    #[default]
-    Waiting,
-    /// Config accepted; waiting for the full listing and every sync canary.
-    Listing,
-    /// The agent uses the peer's state and follows its changes.
-    Synced,
-    /// The peer's config was refused: nothing of it is used.
-    Refused,
-}
+pub use model::Phase;
 
 /// Whether a cluster's backends can be trusted to receive traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

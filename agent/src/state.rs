@@ -28,14 +28,7 @@ use crate::tables::{
     AffinityMode, Change, Frontend, IpcacheEntry, Keyed, RouteEntry, ServiceName, Table, Tables,
 };
 
-/// One change to one entry of a peer, as a watcher saw it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EntryChange {
-    /// The entry was written (validated).
-    Upsert(Entry),
-    /// The entry was deleted.
-    Delete(StateKey),
-}
+pub use peer_follow::EntryChange;
 
 /// What one peer published, as far as the agent uses it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,9 +87,19 @@ impl PeerPart {
             StateKey::ServiceExport { .. } => false,
         }
     }
+}
 
-    /// Every entry as the publisher's entries, for re-validation against a changed config.
-    pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+/// The tracker stages a peer's entries straight into the agent's tables.
+impl peer_follow::Part for PeerPart {
+    fn upsert(&mut self, entry: Entry) {
+        PeerPart::upsert(self, entry);
+    }
+
+    fn remove(&mut self, key: &StateKey) -> bool {
+        PeerPart::remove(self, key)
+    }
+
+    fn entries(&self) -> Vec<Entry> {
         self.nodes
             .values()
             .cloned()
@@ -104,6 +107,7 @@ impl PeerPart {
             .chain(self.services.values().cloned().map(Entry::Service))
             .chain(self.identities.values().cloned().map(Entry::Identity))
             .chain(self.ips.values().cloned().map(Entry::Ip))
+            .collect()
     }
 }
 
@@ -704,6 +708,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::merge::tests::{backend, service};
     use model::{ClusterId, DnsLabel, DnsSubdomain, NodeAddress, SchemaVersion};
+    use peer_follow::Part as _;
     use proptest::collection::{btree_map, vec};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;

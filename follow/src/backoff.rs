@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// A session that stayed connected this long shows the peer healthy again: the next delay
+/// starts over at `base`. A shorter one (a peer that accepts and drops at once) keeps backing
+/// off, so a flapping peer is not hammered at the base rate.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
 /// Delays that double from `base` up to `max`, each drawn uniformly from the upper half of
 /// its step (`[step/2, step]`): never zero, never above `max` (the flag users set means a
 /// ceiling), never in lockstep.
@@ -46,6 +51,14 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+
+    /// Notes how long the session that just ended was connected (`None`: never): only a
+    /// [`HEALTHY_SESSION`] resets the delays.
+    pub fn session_ended(&mut self, connected_for: Option<Duration>) {
+        if connected_for.is_some_and(|d| d >= HEALTHY_SESSION) {
+            self.reset();
+        }
+    }
 }
 
 /// Uniform in `[step/2, step]`.
@@ -80,6 +93,24 @@ mod tests {
         backoff.reset();
         assert_eq!(backoff.step(), base);
         assert!(backoff.max_delay() <= max && backoff.max_delay() >= max / 2);
+    }
+
+    /// The agent's direct mode used to reset its backoff as soon as a watch was open, so a
+    /// peer that accepted and dropped every session was reconnected to at the base rate;
+    /// kvstoremesh reset only after a healthy session, and that rule is now the only one.
+    #[test]
+    fn a_flapping_peer_keeps_backing_off() {
+        let base = Duration::from_millis(100);
+        let mut backoff = Backoff::new(base, Duration::from_secs(10));
+        for _ in 0..4 {
+            backoff.next_delay();
+            backoff.session_ended(Some(Duration::from_secs(1)));
+        }
+        assert_eq!(backoff.step(), base * 16, "short sessions do not reset");
+        backoff.session_ended(None);
+        assert_eq!(backoff.step(), base * 16);
+        backoff.session_ended(Some(HEALTHY_SESSION));
+        assert_eq!(backoff.step(), base, "a healthy session does");
     }
 
     #[test]

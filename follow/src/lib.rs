@@ -8,18 +8,24 @@
 //! - [`claims`]: one cluster id per peer across every peer followed;
 //! - [`witness`]: whether a store is still the one a resume point belongs to;
 //! - [`probe`]: the periodic look at a peer's store (identity, config, heartbeat);
-//! - [`backoff`]: reconnect delays.
+//! - [`backoff`]: reconnect delays;
+//! - [`tracker`]: one peer's state machine (signals in, updates out), no I/O;
+//! - [`session`]: the driver of a tracker against a store, handing updates to a [`Sink`].
 
 pub mod backoff;
 pub mod claims;
 pub mod directory;
 pub mod gate;
 pub mod probe;
+pub mod session;
+pub mod tracker;
 pub mod witness;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, HEALTHY_SESSION};
 pub use claims::Claims;
 pub use directory::{DirChange, PeerDirectory, Scan};
 pub use gate::{ConfigGate, ConfigRefusal, Verdict};
 pub use probe::{Heartbeat, Probe, probe};
+pub use session::{Sink, SinkClosed, follow_peer};
+pub use tracker::{EntryChange, Layout, Part, PeerTracker, PeerUpdate, Signal};
 pub use witness::{KeyVersion, StoreWitness};

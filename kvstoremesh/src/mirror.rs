@@ -39,8 +39,6 @@ use crate::status::{self, rfc3339};
 
 /// Watch events applied to the local store in one batch, at most.
 const MAX_EVENT_BATCH: usize = 4096;
-/// A session connected this long resets the reconnect backoff.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Warnings about refused entries per peer per window, before they are only counted.
 const WARNINGS_PER_WINDOW: u32 = 10;
 const WARNING_WINDOW: Duration = Duration::from_secs(10);
@@ -258,9 +256,7 @@ pub(crate) async fn run_peer(
             () = cancel.cancelled() => break,
             end = mirror.session(&connection) => end,
         };
-        let healthy = mirror
-            .connected_at
-            .is_some_and(|at| at.elapsed() >= HEALTHY_SESSION);
+        let connected_for = mirror.connected_at.map(|at| at.elapsed());
         mirror.set_disconnected();
         let delay = match end {
             End::Restart(reason) => {
@@ -280,9 +276,7 @@ pub(crate) async fn run_peer(
                 if fresh_client {
                     client = None;
                 }
-                if healthy {
-                    backoff.reset();
-                }
+                backoff.session_ended(connected_for);
                 mirror.failed(&error);
                 if error.is_refusal() {
                     mirror.drain_refused().await;

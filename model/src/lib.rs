@@ -59,5 +59,5 @@ pub use peerfile::{PeerFile, PeerFileError};
 pub use service::{
     Backend, ClusterService, ExportType, L4Port, L4Protocol, PortMap, Protocol, ServiceExport,
 };
-pub use status::{KindStatus, PeerStatus, StatusError};
+pub use status::{KindStatus, PeerStatus, Phase, StatusError};
 pub use value::{DecodeError, SchemaVersion, StoreValue, ValueError};

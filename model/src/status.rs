@@ -13,6 +13,21 @@ use crate::keys::Kind;
 use crate::name::ClusterName;
 use crate::value::{DecodeError, SchemaVersion, StoreValue, ValueError};
 
+/// How far a reader has followed a peer (the agent's API shows it per peer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// No accepted cluster config yet.
+    #[default]
+    Waiting,
+    /// Config accepted; waiting for the full listing and every sync canary.
+    Listing,
+    /// The agent uses the peer's state and follows its changes.
+    Synced,
+    /// The peer's config was refused: nothing of it is used.
+    Refused,
+}
+
 /// One kind's part of a peer's cache.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KindStatus {

@@ -1,5 +1,7 @@
 //! One peer's state machine, fed with what a watcher read (from the peer's own store or from
-//! kvstoremesh's cache of it), and the one gate between a peer's store and the agent's state.
+//! kvstoremesh's cache of it), and the one gate between a peer's store and what a follower
+//! does with it. It does no I/O: [`session`](crate::session) drives it against a store, and
+//! its tests drive it with signals.
 //!
 //! ```text
 //!   Waiting ──config accepted──▶ Listing ──full listing + every canary──▶ Synced
@@ -12,8 +14,9 @@
 //! and collected in a staging part. Nothing of a peer is used before it is synced: the first
 //! [`PeerUpdate::Replace`] carries its full state. While synced, each change goes out as a
 //! [`PeerUpdate::Change`]. A relist (or a deleted canary) takes the peer back to Listing: the
-//! agent keeps using the last published part, unchanged, and replaces it with the new staging
-//! part only once the resync is complete. So stale entries are garbage-collected only after a
+//! follower keeps using the last published part, unchanged, and replaces it with the new
+//! staging part only once the resync is complete. What a part holds is the follower's
+//! business ([`Part`]): the agent keeps its tables. So stale entries are garbage-collected only after a
 //! full resync, never on a disconnect.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,12 +24,31 @@ use std::sync::Arc;
 
 use model::keys::{parse_heartbeat_cache_key, parse_peer_status_key};
 use model::{
-    ClusterConfig, ClusterName, Kind, PeerStatus, error_chain, validate_entry, validate_key,
+    ClusterConfig, ClusterName, Entry, EntryError, Kind, PeerStatus, Phase, StateKey, error_chain,
+    validate_entry, validate_key,
 };
 
-use peer_follow::{Claims, ConfigGate, Verdict};
+use crate::{Claims, ConfigGate, Verdict};
 
-use crate::state::{EntryChange, PeerPart};
+/// One change to one entry of a peer, as a watcher saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryChange {
+    /// The entry was written (validated).
+    Upsert(Entry),
+    /// The entry was deleted.
+    Delete(StateKey),
+}
+
+/// Where a follower keeps a peer's validated entries: the staging part while (re)listing,
+/// published whole once the peer is synced.
+pub trait Part: Clone + Default + std::fmt::Debug {
+    /// Adds or replaces `entry`.
+    fn upsert(&mut self, entry: Entry);
+    /// Removes the entry under `key`; says whether there was one.
+    fn remove(&mut self, key: &StateKey) -> bool;
+    /// Every entry held, to validate them again against a changed config.
+    fn entries(&self) -> Vec<Entry>;
+}
 
 /// Where a peer's state is read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +60,6 @@ pub enum Layout {
     /// heartbeat.
     Cache,
 }
-
-pub use agent_api::Phase;
 
 /// What a watcher saw about one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,9 +100,9 @@ impl Signal {
     }
 }
 
-/// What a watcher tells the agent.
+/// What a watcher tells its follower.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PeerUpdate {
+pub enum PeerUpdate<P> {
     /// The peer is (or no longer is) configured: a peer file exists, or kvstoremesh caches it.
     Configured {
         /// The peer.
@@ -109,7 +129,7 @@ pub enum PeerUpdate {
         /// The peer.
         peer: ClusterName,
         /// Its full state.
-        part: PeerPart,
+        part: P,
     },
     /// One change while synced.
     Change {
@@ -140,7 +160,7 @@ pub enum PeerUpdate {
         /// Why (names the key).
         error: String,
     },
-    /// Whether the agent can see its peers at all (cache mode: the local store connection).
+    /// Whether the follower can see its peers at all (cache mode: the local store connection).
     SourceLink {
         /// Whether it can.
         connected: bool,
@@ -149,7 +169,7 @@ pub enum PeerUpdate {
 
 /// One peer's state machine; see the [module docs](self).
 #[derive(Debug)]
-pub struct PeerTracker {
+pub struct PeerTracker<P> {
     peer: ClusterName,
     layout: Layout,
     /// The peer's accepted config (claiming its id among direct peers; kvstoremesh has
@@ -157,15 +177,17 @@ pub struct PeerTracker {
     gate: ConfigGate,
     refused: bool,
     canaries: BTreeSet<Kind>,
-    staging: PeerPart,
+    staging: P,
     /// Entries read while no config was accepted: key → (kind, value).
     unvalidated: BTreeMap<String, (Kind, Vec<u8>)>,
     listing: bool,
     synced: bool,
     mesh_status_seen: bool,
+    /// An entry was refused in a way a changed config would explain: look at the config now.
+    probe_soon: bool,
 }
 
-impl PeerTracker {
+impl<P: Part> PeerTracker<P> {
     /// A tracker for `peer`, read with `layout`, checked against the local cluster's config.
     pub fn new(peer: ClusterName, layout: Layout, local: ClusterConfig) -> Self {
         PeerTracker {
@@ -174,11 +196,12 @@ impl PeerTracker {
             layout,
             refused: false,
             canaries: BTreeSet::new(),
-            staging: PeerPart::default(),
+            staging: P::default(),
             unvalidated: BTreeMap::new(),
             listing: false,
             synced: false,
             mesh_status_seen: false,
+            probe_soon: false,
         }
     }
 
@@ -214,11 +237,18 @@ impl PeerTracker {
     }
 
     /// The entries collected so far (complete once synced).
-    pub fn staging(&self) -> &PeerPart {
+    pub fn staging(&self) -> &P {
         &self.staging
     }
 
-    fn phase_changed(&self, before: Phase, out: &mut Vec<PeerUpdate>) {
+    /// Whether an entry was refused since the last call for a reason a changed cluster config
+    /// would explain (a foreign cluster id, an identity out of range): the driver then reads
+    /// the config at once instead of at the next probe tick.
+    pub fn take_probe_soon(&mut self) -> bool {
+        std::mem::take(&mut self.probe_soon)
+    }
+
+    fn phase_changed(&self, before: Phase, out: &mut Vec<PeerUpdate<P>>) {
         let phase = self.phase();
         if phase != before {
             out.push(PeerUpdate::Phase {
@@ -230,18 +260,18 @@ impl PeerTracker {
 
     /// A full listing of everything the peer holds follows; every entry and canary is
     /// signalled again. Until [`end_listing`](Self::end_listing), nothing is published.
-    pub fn begin_listing(&mut self, out: &mut Vec<PeerUpdate>) {
+    pub fn begin_listing(&mut self, out: &mut Vec<PeerUpdate<P>>) {
         let before = self.phase();
         self.listing = true;
         self.synced = false;
         self.canaries.clear();
-        self.staging = PeerPart::default();
+        self.staging = P::default();
         self.unvalidated.clear();
         self.phase_changed(before, out);
     }
 
     /// The listing is complete; publishes the peer if every canary is there.
-    pub fn end_listing(&mut self, out: &mut Vec<PeerUpdate>) {
+    pub fn end_listing(&mut self, out: &mut Vec<PeerUpdate<P>>) {
         self.listing = false;
         self.try_publish(out);
     }
@@ -253,7 +283,7 @@ impl PeerTracker {
         }
     }
 
-    fn try_publish(&mut self, out: &mut Vec<PeerUpdate>) {
+    fn try_publish(&mut self, out: &mut Vec<PeerUpdate<P>>) {
         if self.synced || self.listing || self.refused || self.gate.accepted().is_none() {
             return;
         }
@@ -270,7 +300,7 @@ impl PeerTracker {
     }
 
     /// Applies one signal.
-    pub fn handle(&mut self, signal: Signal, out: &mut Vec<PeerUpdate>) {
+    pub fn handle(&mut self, signal: Signal, out: &mut Vec<PeerUpdate<P>>) {
         match signal {
             Signal::Config(Some(value)) => self.config_written(&value, out),
             Signal::Config(None) => {
@@ -317,7 +347,7 @@ impl PeerTracker {
         }
     }
 
-    fn config_written(&mut self, value: &[u8], out: &mut Vec<PeerUpdate>) {
+    fn config_written(&mut self, value: &[u8], out: &mut Vec<PeerUpdate<P>>) {
         let before = self.phase();
         match self.gate.offer(value) {
             Ok(Verdict::Unchanged) => return,
@@ -371,7 +401,7 @@ impl PeerTracker {
     }
 
     /// Checks every held entry against the (new) config.
-    fn revalidate(&mut self, out: &mut Vec<PeerUpdate>) {
+    fn revalidate(&mut self, out: &mut Vec<PeerUpdate<P>>) {
         let staged = std::mem::take(&mut self.staging);
         let mut pending = std::mem::take(&mut self.unvalidated);
         for entry in staged.entries() {
@@ -390,7 +420,7 @@ impl PeerTracker {
         kind: Kind,
         key: &str,
         value: &[u8],
-        out: &mut Vec<PeerUpdate>,
+        out: &mut Vec<PeerUpdate<P>>,
     ) -> Option<EntryChange> {
         let config = self.gate.accepted()?;
         match validate_entry(kind, key, value, config) {
@@ -399,6 +429,12 @@ impl PeerTracker {
                 Some(EntryChange::Upsert(entry))
             }
             Err(error) => {
+                if matches!(
+                    error,
+                    EntryError::ForeignClusterId { .. } | EntryError::IdentityOutOfRange { .. }
+                ) {
+                    self.probe_soon = true;
+                }
                 out.push(PeerUpdate::Invalid {
                     peer: self.peer.clone(),
                     error: error.to_string(),
@@ -416,7 +452,7 @@ impl PeerTracker {
         kind: Kind,
         key: String,
         value: Option<Vec<u8>>,
-        out: &mut Vec<PeerUpdate>,
+        out: &mut Vec<PeerUpdate<P>>,
     ) {
         if !Kind::CORE.contains(&kind) {
             return;
@@ -546,9 +582,26 @@ mod tests {
     use super::*;
     use model::StoreValue;
     use model::keys::{HEARTBEAT_KEY, heartbeat_cache_key, peer_status_key};
-    use model::{
-        Capabilities, ClusterId, DnsSubdomain, MaxConnectedClusters, Node, SchemaVersion, StateKey,
-    };
+    use model::{Capabilities, ClusterId, DnsSubdomain, MaxConnectedClusters, Node, SchemaVersion};
+
+    /// Entries by key, as a follower might keep them.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    struct Entries(BTreeMap<StateKey, Entry>);
+
+    impl Part for Entries {
+        fn upsert(&mut self, entry: Entry) {
+            self.0.insert(entry.key(), entry);
+        }
+        fn remove(&mut self, key: &StateKey) -> bool {
+            self.0.remove(key).is_some()
+        }
+        fn entries(&self) -> Vec<Entry> {
+            self.0.values().cloned().collect()
+        }
+    }
+
+    type PeerTracker = super::PeerTracker<Entries>;
+    type PeerUpdate = super::PeerUpdate<Entries>;
 
     fn name(s: &str) -> ClusterName {
         ClusterName::new(s).unwrap()
@@ -607,7 +660,7 @@ mod tests {
     fn replaces(out: &[PeerUpdate]) -> Vec<usize> {
         out.iter()
             .filter_map(|u| match u {
-                PeerUpdate::Replace { part, .. } => Some(part.len()),
+                PeerUpdate::Replace { part, .. } => Some(part.0.len()),
                 _ => None,
             })
             .collect()
@@ -778,6 +831,31 @@ mod tests {
         );
     }
 
+    /// kvstoremesh looked at a peer's config at once when an entry carried a foreign cluster
+    /// id (the config may have changed under it); the agent's direct mode waited for the next
+    /// probe tick. Now the tracker asks for it, once per such refusal.
+    #[test]
+    fn a_foreign_cluster_id_asks_for_a_probe_at_once() {
+        let mut t = PeerTracker::new(name("b"), Layout::Direct, config("a", 1));
+        let mut out = Vec::new();
+        t.handle(Signal::Config(Some(config("b", 2).encode())), &mut out);
+        t.handle(
+            node_signal(Layout::Direct, &node("b", 2, "n1"), true),
+            &mut out,
+        );
+        assert!(!t.take_probe_soon(), "a valid entry asks for nothing");
+        t.handle(
+            node_signal(Layout::Direct, &node("b", 3, "n2"), true),
+            &mut out,
+        );
+        assert!(
+            out.iter().any(|u| matches!(u, PeerUpdate::Invalid { .. })),
+            "{out:?}"
+        );
+        assert!(t.take_probe_soon());
+        assert!(!t.take_probe_soon(), "asked once");
+    }
+
     proptest::proptest! {
         /// Whatever identity a peer publishes (as an identity or an IP's identity), the agent
         /// uses it exactly when it lies in the peer's identity range; anything else is refused
@@ -831,10 +909,10 @@ mod tests {
             let refused = out.iter().filter(|u| matches!(u, PeerUpdate::Invalid { .. })).count();
             if range.contains(id) {
                 proptest::prop_assert_eq!((accepted, refused), (2, 0), "{:?}", out);
-                proptest::prop_assert_eq!(t.staging().ips.len(), 1);
+                proptest::prop_assert_eq!(t.staging().0.len(), 2);
             } else {
                 proptest::prop_assert_eq!((accepted, refused), (0, 2), "{:?}", out);
-                proptest::prop_assert!(t.staging().is_empty());
+                proptest::prop_assert!(t.staging().0.is_empty());
             }
         }
     }

@@ -1,0 +1,463 @@
+//! The driver of one peer's [`PeerTracker`] against a store: probe (identity, config,
+//! heartbeat) at every session start and tick, list every prefix at one revision, follow
+//! them with a [`MergedWatch`] one revision at a time, resume from the revision reached after
+//! a broken session, list again after a compaction or a replaced store, back off between
+//! sessions, stop on cancellation. What becomes of the tracker's [`PeerUpdate`]s is the
+//! follower's [`Sink`].
+//!
+//! [`follow_peer`] drives one peer's own store (the agent's direct mode). The helpers it is
+//! made of ([`list_at`], [`merged_watch`], [`take_revisions`], [`check_store`]) also serve a
+//! reader of many peers over one connection (the agent's cache mode).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use kvstore::client::{ClientConfig, KeyChange, MergeError, MergedWatch, StoreClient, WatchStream};
+use model::keys::{STATE_ROOT, SYNCED_ROOT};
+use model::{ClusterConfig, ClusterName, Phase};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::tracker::{KeyClass, Layout, Part, PeerTracker, PeerUpdate, Signal, classify};
+use crate::{Backoff, Claims, Heartbeat, StoreWitness};
+
+/// Revisions' signals handed to the tracker in one go, at most (more are taken next time).
+const MAX_SIGNAL_BATCH: usize = 4096;
+
+/// How often and how long things happen in a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// Idle watches ask the store for progress this often, so changes under one prefix are
+    /// handed out once every other prefix is known to have nothing earlier.
+    pub progress_interval: Duration,
+    /// How often a peer's identity, cluster config and heartbeat are read.
+    pub probe_interval: Duration,
+    /// How long one such read may take ([`crate::probe`]).
+    pub probe_timeout: Duration,
+    /// First reconnect delay; doubles up to `backoff_max`, with jitter.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Keys per page when listing (at least; a store client configured larger keeps its).
+    pub list_page_size: u32,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The store client refused or failed a request.
+    #[error("store: {0}")]
+    Store(#[from] kvstore::client::Error),
+    /// A watch stream failed; resume from the revision reached.
+    #[error("watch broken: {0}")]
+    Broken(String),
+    /// The revision the watch needed is compacted: list again.
+    #[error("watch revision compacted; listing again")]
+    Compacted,
+    /// The store is not the one the resume point belongs to: list again.
+    #[error("the store was replaced ({0}); listing again")]
+    Replaced(String),
+    /// The peer has published no usable cluster config (yet).
+    #[error("{0}")]
+    NotReady(String),
+    /// The follower stopped listening.
+    #[error(transparent)]
+    Closed(#[from] SinkClosed),
+}
+
+/// The follower behind a [`Sink`] is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the follower stopped listening")]
+pub struct SinkClosed;
+
+/// Where a driver hands the tracker's updates: the follower's own state.
+pub trait Sink<P>: Send {
+    /// Takes one batch of updates, in order.
+    fn deliver(
+        &mut self,
+        updates: Vec<PeerUpdate<P>>,
+    ) -> impl Future<Output = Result<(), SinkClosed>> + Send;
+}
+
+/// A follower that owns its state in another task, fed through a channel.
+impl<P: Send> Sink<P> for mpsc::Sender<Vec<PeerUpdate<P>>> {
+    async fn deliver(&mut self, updates: Vec<PeerUpdate<P>>) -> Result<(), SinkClosed> {
+        self.send(updates).await.map_err(|_| SinkClosed)
+    }
+}
+
+/// Hands `out` to `sink` (if there is anything) and empties it.
+pub async fn flush<P, S: Sink<P>>(
+    sink: &mut S,
+    out: &mut Vec<PeerUpdate<P>>,
+) -> Result<(), SinkClosed> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    sink.deliver(std::mem::take(out)).await
+}
+
+/// Every key under `prefixes` at one revision (the store client's paged listing); keys that
+/// cannot be read are logged and skipped.
+pub async fn list_at(
+    client: &StoreClient,
+    prefixes: &[String],
+) -> Result<(i64, Vec<KeyChange>), SessionError> {
+    let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    let (listing, invalid) = client
+        .raw()
+        .list_prefixes_lenient(&prefixes)
+        .await
+        .map_err(relist_or_store)?;
+    for error in invalid {
+        tracing::warn!(%error, "ignoring a key that cannot be read");
+    }
+    let entries = listing
+        .entries
+        .into_iter()
+        .map(|e| KeyChange {
+            key: e.key,
+            value: Some(e.value),
+        })
+        .collect();
+    Ok((listing.revision, entries))
+}
+
+/// A compacted revision, or a store behind what was seen (replaced), means listing again.
+fn relist_or_store(error: kvstore::client::Error) -> SessionError {
+    match error {
+        kvstore::client::Error::Compacted { .. }
+        | kvstore::client::Error::FutureRevision { .. } => SessionError::Compacted,
+        error => SessionError::Store(error),
+    }
+}
+
+impl From<MergeError> for SessionError {
+    fn from(error: MergeError) -> Self {
+        match error {
+            MergeError::Relist(_) => SessionError::Compacted,
+            MergeError::Broken(error) => SessionError::Broken(error.to_string()),
+            MergeError::Ended => SessionError::Broken(error.to_string()),
+        }
+    }
+}
+
+/// Several prefix watches as one stream of whole revisions; what `layout` says is a canary
+/// waits for the revision order, the rest may go early.
+pub async fn merged_watch(
+    client: &StoreClient,
+    prefixes: &[String],
+    from: i64,
+    progress_interval: Duration,
+    layout: Layout,
+) -> Result<MergedWatch<WatchStream<Vec<u8>>>, SessionError> {
+    /// Writes that may overtake other watches: anything but a canary.
+    fn early(layout: Layout, key: &str) -> bool {
+        !matches!(classify(layout, key), Some(KeyClass::Canary(..)))
+    }
+    let early: fn(&str) -> bool = match layout {
+        Layout::Cache => |key| early(Layout::Cache, key),
+        Layout::Direct => |key| early(Layout::Direct, key),
+    };
+    Ok(MergedWatch::open(&client.raw(), prefixes, from, progress_interval, early).await?)
+}
+
+/// Checks that the store is the one `resume` (the next revision to watch) belongs to: the
+/// same identity, not behind what was seen. Otherwise the resume point is dropped (list
+/// again).
+pub async fn check_store(
+    client: &StoreClient,
+    witness: &mut StoreWitness,
+    resume: &mut Option<i64>,
+) -> Result<(), SessionError> {
+    let status = client.status().await?;
+    if let Some(next) = *resume {
+        witness.note_revision(next - 1);
+    }
+    if let Some(reason) = witness.check_status(&status) {
+        tracing::info!(reason, "the store was replaced; listing again");
+        *resume = None;
+    }
+    Ok(())
+}
+
+/// The signals of `first` (the watch's next revision) and of the revisions already
+/// buffered behind it, so bursts go out in few batches; `resume` follows what was taken.
+/// An error ends the batch but keeps what came before it: those revisions are past the
+/// resume point and must still reach the follower.
+pub fn take_revisions(
+    watch: &mut MergedWatch<WatchStream<Vec<u8>>>,
+    first: Result<(i64, Vec<KeyChange>), MergeError>,
+    layout: Layout,
+    resume: &mut Option<i64>,
+) -> (Vec<(Option<ClusterName>, Signal)>, Option<SessionError>) {
+    let mut signals = Vec::new();
+    let mut next = Some(first);
+    while let Some(result) = next.take() {
+        match result {
+            Ok((_, events)) => {
+                *resume = Some(watch.resume_point());
+                signals.extend(order_batch(layout, events));
+            }
+            Err(error) => {
+                *resume = Some(watch.resume_point());
+                return (signals, Some(error.into()));
+            }
+        }
+        if signals.len() < MAX_SIGNAL_BATCH {
+            next = watch.next().now_or_never();
+        }
+    }
+    (signals, None)
+}
+
+/// One revision's (or one listing's) changes as signals, completeness signals first.
+pub fn order_batch(layout: Layout, events: Vec<KeyChange>) -> Vec<(Option<ClusterName>, Signal)> {
+    let mut signals: Vec<(Option<ClusterName>, Signal)> = events
+        .into_iter()
+        .filter_map(|e| crate::tracker::signal_of(layout, e.key, e.value))
+        .collect();
+    signals.sort_by_key(|(_, s)| s.order());
+    signals
+}
+
+/// The prefixes read from a peer's own store (all readable by `remote-<cluster>`).
+pub fn direct_prefixes(peer: &ClusterName) -> Vec<String> {
+    vec![STATE_ROOT.to_owned(), format!("{SYNCED_ROOT}{peer}/")]
+}
+
+/// Sleeps for `delay` unless cancelled first; says whether to go on.
+pub async fn pause(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Follows `peer`'s own store (reached with `client`) until `cancel`, checked against the
+/// `local` cluster's config and, for its cluster id, against every peer in `claims`; its
+/// claim ends with it. Updates go to `sink`; the task stops early if the sink is gone.
+pub async fn follow_peer<P, S>(
+    peer: ClusterName,
+    local: ClusterConfig,
+    claims: Arc<Claims>,
+    client: ClientConfig,
+    timing: Timing,
+    sink: S,
+    cancel: CancellationToken,
+) where
+    P: Part + Send + Sync,
+    S: Sink<P>,
+{
+    let span = tracing::info_span!("peer", peer = %peer);
+    let tracker = PeerTracker::new(peer.clone(), Layout::Direct, local).with_claims(claims.clone());
+    run(tracker, client, timing, sink, cancel)
+        .instrument(span)
+        .await;
+    claims.release(&peer);
+}
+
+async fn run<P, S>(
+    tracker: PeerTracker<P>,
+    mut config: ClientConfig,
+    timing: Timing,
+    mut sink: S,
+    cancel: CancellationToken,
+) where
+    P: Part + Send + Sync,
+    S: Sink<P>,
+{
+    let peer = tracker.peer().clone();
+    config.limits.list_page_size = config.limits.list_page_size.max(timing.list_page_size);
+    let client = match StoreClient::connect_lazy(&config).await {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(%error, "cannot set up the peer's store client");
+            let mut out = vec![PeerUpdate::Link {
+                peer,
+                connected: false,
+                error: Some(error.to_string()),
+            }];
+            let _ = flush(&mut sink, &mut out).await;
+            return;
+        }
+    };
+    let mut session = Session {
+        peer: peer.clone(),
+        tracker,
+        resume: None,
+        witness: StoreWitness::new(config.endpoints.len()),
+        heartbeat: None,
+        config: None,
+        connected_at: None,
+    };
+    let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_max);
+    loop {
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            result = session.run(&client, &timing, &mut sink) => result,
+        };
+        let error = match result {
+            Err(SessionError::Closed(_)) => return,
+            Err(error @ (SessionError::Compacted | SessionError::Replaced(_))) => {
+                tracing::info!(%error, "listing the peer's store again");
+                session.resume = None;
+                error.to_string()
+            }
+            Err(error) => error.to_string(),
+            Ok(()) => String::new(),
+        };
+        let connected_for = session.connected_at.take().map(|at| at.elapsed());
+        backoff.session_ended(connected_for);
+        if connected_for.is_some() {
+            tracing::warn!(%error, "lost the peer's store");
+            let mut out = vec![PeerUpdate::Link {
+                peer: peer.clone(),
+                connected: false,
+                error: Some(error),
+            }];
+            if flush(&mut sink, &mut out).await.is_err() {
+                return;
+            }
+        } else {
+            tracing::debug!(%error, "peer not reachable or not ready");
+        }
+        if !pause(backoff.next_delay(), &cancel).await {
+            return;
+        }
+    }
+}
+
+/// What one peer's driver keeps across sessions.
+struct Session<P> {
+    peer: ClusterName,
+    tracker: PeerTracker<P>,
+    /// The next revision to watch from; `None`: list first.
+    resume: Option<i64>,
+    witness: StoreWitness,
+    heartbeat: Option<Vec<u8>>,
+    config: Option<Vec<u8>>,
+    /// When the current session connected (the follower was told the link is up).
+    connected_at: Option<Instant>,
+}
+
+impl<P: Part + Send + Sync> Session<P> {
+    /// Looks at the peer's store ([`crate::probe`]) and signals what changed in its config and
+    /// heartbeat; says why the store was replaced, if it was. A refused config is signalled
+    /// again, so a refusal that another peer caused (an id clash) ends when that peer gives
+    /// the id up.
+    async fn probe(
+        &mut self,
+        client: &StoreClient,
+        timeout: Duration,
+        out: &mut Vec<PeerUpdate<P>>,
+    ) -> Result<Option<String>, SessionError> {
+        if let Some(next) = self.resume {
+            self.witness.note_revision(next - 1);
+        }
+        let found = crate::probe(client, &self.peer, &mut self.witness, timeout).await?;
+        if found.config != self.config || self.tracker.phase() == Phase::Refused {
+            self.config = found.config.clone();
+            if found.config.is_some() {
+                self.tracker.handle(Signal::Config(found.config), out);
+            }
+        }
+        let heartbeat = match found.heartbeat {
+            Heartbeat::Valid(bytes) => Some(bytes),
+            Heartbeat::Absent | Heartbeat::Refused { .. } => None,
+        };
+        if heartbeat.is_some() && heartbeat != self.heartbeat {
+            self.tracker.handle(Signal::Heartbeat, out);
+        }
+        self.heartbeat = heartbeat;
+        Ok(found.replaced)
+    }
+
+    fn route(&mut self, signals: Vec<(Option<ClusterName>, Signal)>, out: &mut Vec<PeerUpdate<P>>) {
+        for (peer, signal) in signals {
+            if peer.as_ref().is_none_or(|p| *p == self.peer) {
+                self.tracker.handle(signal, out);
+            }
+        }
+    }
+
+    async fn run<S: Sink<P>>(
+        &mut self,
+        client: &StoreClient,
+        timing: &Timing,
+        sink: &mut S,
+    ) -> Result<(), SessionError> {
+        let mut out = Vec::new();
+        if let Some(reason) = self.probe(client, timing.probe_timeout, &mut out).await? {
+            tracing::info!(reason, "the peer's store was replaced; listing again");
+            self.resume = None;
+        }
+        flush(sink, &mut out).await?;
+        // A peer without a usable config counts as not connected: it cannot be used.
+        if matches!(self.tracker.phase(), Phase::Waiting | Phase::Refused) {
+            return Err(SessionError::NotReady(format!(
+                "peer {} has no usable cluster config",
+                self.peer
+            )));
+        }
+        if self.connected_at.is_none() {
+            self.connected_at = Some(Instant::now());
+            out.push(PeerUpdate::Link {
+                peer: self.peer.clone(),
+                connected: true,
+                error: None,
+            });
+        }
+        let prefixes = direct_prefixes(&self.peer);
+        let from = match self.resume {
+            Some(from) => from,
+            None => {
+                let (revision, entries) = list_at(client, &prefixes).await?;
+                tracing::info!(revision, keys = entries.len(), "listed the peer's store");
+                self.tracker.begin_listing(&mut out);
+                let signals = order_batch(Layout::Direct, entries);
+                self.route(signals, &mut out);
+                self.tracker.end_listing(&mut out);
+                flush(sink, &mut out).await?;
+                revision + 1
+            }
+        };
+        let mut watch = merged_watch(
+            client,
+            &prefixes,
+            from,
+            timing.progress_interval,
+            Layout::Direct,
+        )
+        .await?;
+        self.resume = Some(from);
+        let mut probe = tokio::time::interval(timing.probe_interval);
+        probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if self.tracker.take_probe_soon() {
+                probe.reset_immediately();
+            }
+            tokio::select! {
+                first = watch.next() => {
+                    let (signals, error) =
+                        take_revisions(&mut watch, first, Layout::Direct, &mut self.resume);
+                    self.route(signals, &mut out);
+                    if let Some(error) = error {
+                        flush(sink, &mut out).await?;
+                        return Err(error);
+                    }
+                }
+                _ = probe.tick() => {
+                    if let Some(reason) = self.probe(client, timing.probe_timeout, &mut out).await? {
+                        return Err(SessionError::Replaced(reason));
+                    }
+                }
+            }
+            flush(sink, &mut out).await?;
+        }
+    }
+}
