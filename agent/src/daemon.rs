@@ -132,6 +132,9 @@ struct PersistedRef<'a> {
 
 const STATE_SCHEMA: u32 = 1;
 
+/// The longest silence a lost peer's grace is counted back over.
+const MAX_SILENCE: Duration = Duration::from_secs(3600);
+
 fn load_state(path: &Path, cluster: &ClusterName) -> Option<Persisted> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
@@ -518,6 +521,7 @@ impl Owner {
                 peer,
                 connected,
                 error,
+                silent,
             } => {
                 let info = self.info(&peer, now);
                 if info.health.connected() != connected {
@@ -527,7 +531,11 @@ impl Owner {
                         tracing::warn!(%peer, error = error.as_deref().unwrap_or(""), "peer disconnected");
                     }
                 }
-                info.health.set_connected(connected, now);
+                // The grace runs from the start of the silence that ended in the loss (a
+                // partition is found only when a probe times out), at most an hour back.
+                let since = now.checked_sub(silent.min(MAX_SILENCE)).unwrap_or(now);
+                info.health
+                    .set_connected(connected, if connected { now } else { since });
                 if error.is_some() {
                     info.last_error = error;
                 }

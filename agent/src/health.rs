@@ -98,14 +98,15 @@ impl PeerHealth {
         (now >= expires).then_some((expires, LostReason::HeartbeatTimeout))
     }
 
-    /// The connection went up or down.
-    pub fn set_connected(&mut self, connected: bool, now: Instant) {
+    /// The connection went up or down at `at`: a loss found by a probe that timed out is
+    /// dated back to the start of the silence, so the grace counts from there.
+    pub fn set_connected(&mut self, connected: bool, at: Instant) {
         if connected != self.connected {
             self.connected = connected;
-            self.link_since = now;
+            self.link_since = at;
             if connected {
                 // A new connection starts a new heartbeat period.
-                self.last_heartbeat = now;
+                self.last_heartbeat = at;
             }
         }
     }
@@ -176,6 +177,31 @@ mod tests {
         let deadline = peer.deadline()?;
         tokio::time::sleep_until(deadline).await;
         peer.evaluate(Instant::now())
+    }
+
+    /// A loss found after a silence (a partition: a probe timed out) counts the grace from
+    /// the silence's start: longer than the grace, demoted at once; shorter, the rest of it.
+    #[tokio::test(start_paused = true)]
+    async fn a_loss_dated_back_to_its_silence_counts_the_grace_from_there() {
+        let start = Instant::now();
+        let mut long = PeerHealth::new(config(), start);
+        long.set_connected(true, start);
+        let mut short = long.clone();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let now = Instant::now();
+        long.set_connected(false, now - config().grace - Duration::from_millis(1));
+        let t = long.evaluate(now).expect("stale at once");
+        assert_eq!(t.health, ClusterHealth::Stale);
+        assert!(t.lost_for > config().grace, "{t:?}");
+
+        short.set_connected(false, now - Duration::from_secs(2));
+        assert_eq!(short.evaluate(now), None);
+        let t = run_to_deadline(&mut short).await.expect("transition");
+        assert_eq!(
+            Instant::now() - now,
+            config().grace - Duration::from_secs(2)
+        );
+        assert_eq!(t.health, ClusterHealth::Stale);
     }
 
     #[tokio::test(start_paused = true)]

@@ -281,6 +281,7 @@ async fn run<P, S>(
                 peer,
                 connected: false,
                 error: Some(error.to_string()),
+                silent: Duration::ZERO,
             }];
             let _ = flush(&mut sink, &mut out).await;
             return;
@@ -319,6 +320,7 @@ async fn run<P, S>(
                 peer: peer.clone(),
                 connected: false,
                 error: Some(error),
+                silent: Duration::ZERO,
             }];
             if flush(&mut sink, &mut out).await.is_err() {
                 return;
@@ -410,6 +412,7 @@ impl<P: Part + Send + Sync> Session<P> {
                 peer: self.peer.clone(),
                 connected: true,
                 error: None,
+                silent: Duration::ZERO,
             });
         }
         let prefixes = direct_prefixes(&self.peer);

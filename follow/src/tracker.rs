@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use model::keys::{parse_heartbeat_cache_key, parse_peer_status_key};
 use model::{
@@ -147,6 +148,8 @@ pub enum PeerUpdate<P> {
         connected: bool,
         /// Why it went down.
         error: Option<String>,
+        /// How long the peer had been silent when it was found down (zero: just now).
+        silent: Duration,
     },
     /// The peer's heartbeat changed.
     Heartbeat {
@@ -327,21 +330,28 @@ impl<P: Part> PeerTracker<P> {
             Signal::MeshStatus(value) => {
                 self.mesh_status_seen = true;
                 let status = value.map(|v| PeerStatus::decode_for(&self.peer, &v));
-                let (connected, error) = match status {
-                    Some(Ok(s)) => (s.connected, s.last_error),
+                let (connected, error, silent) = match status {
+                    Some(Ok(s)) => (
+                        s.connected,
+                        s.last_error,
+                        Duration::from_millis(s.silent_ms.unwrap_or(0)),
+                    ),
                     Some(Err(e)) => (
                         false,
                         Some(format!("kvstoremesh's status of the peer is unusable: {e}")),
+                        Duration::ZERO,
                     ),
                     None => (
                         false,
                         Some("kvstoremesh has no status for the peer".to_owned()),
+                        Duration::ZERO,
                     ),
                 };
                 out.push(PeerUpdate::Link {
                     peer: self.peer.clone(),
                     connected,
                     error: if connected { None } else { error },
+                    silent: if connected { Duration::ZERO } else { silent },
                 });
             }
         }
@@ -368,6 +378,7 @@ impl<P: Part> PeerTracker<P> {
                         peer: self.peer.clone(),
                         connected: true,
                         error: None,
+                        silent: Duration::ZERO,
                     });
                 }
                 if was_synced {
@@ -955,6 +966,34 @@ mod tests {
                     ..
                 }]
             ),
+            "{out:?}"
+        );
+    }
+
+    /// A lost peer's status carries how long it had been silent (a partition is found only
+    /// when a probe times out): the link update passes it on, so the grace counts from there.
+    #[test]
+    fn a_lost_peer_s_silence_reaches_the_link_update() {
+        let b = name("b");
+        let mut status = PeerStatus::new(b.clone(), "2026-01-01T00:00:00Z".into());
+        status.silent_ms = Some(1500);
+        let mut t = PeerTracker::new(b.clone(), Layout::Cache, config("a", 1));
+        let mut out = Vec::new();
+        t.handle(Signal::MeshStatus(Some(status.encode())), &mut out);
+        assert!(
+            matches!(
+                &out[..],
+                [PeerUpdate::Link { connected: false, silent, .. }]
+                    if *silent == Duration::from_millis(1500)
+            ),
+            "{out:?}"
+        );
+        // Connected again: no silence, whatever the field says.
+        status.connected = true;
+        let mut out = Vec::new();
+        t.handle(Signal::MeshStatus(Some(status.encode())), &mut out);
+        assert!(
+            matches!(&out[..], [PeerUpdate::Link { connected: true, silent, .. }] if silent.is_zero()),
             "{out:?}"
         );
     }

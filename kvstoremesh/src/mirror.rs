@@ -204,6 +204,9 @@ struct Mirror {
     /// Set when an entry suggests the peer's config changed: probe right away.
     probe_soon: bool,
     connected_at: Option<Instant>,
+    /// When the peer last answered a probe or sent events: a lost connection is reported
+    /// with the silence since then (`PeerStatus::silent_ms`).
+    last_heard: Option<Instant>,
     /// When the current full sync of every kind started.
     sync_started: Option<Instant>,
     log_limit: LogLimiter,
@@ -332,6 +335,7 @@ impl Mirror {
             refusal_drained: false,
             probe_soon: false,
             connected_at: None,
+            last_heard: None,
             sync_started: None,
             log_limit: LogLimiter::new(),
             shared,
@@ -383,6 +387,7 @@ impl Mirror {
         )
         .await
         .map_err(peer_error)?;
+        self.last_heard = Some(Instant::now());
         if let Some(reason) = &found.replaced {
             self.store_replaced(reason);
         }
@@ -628,6 +633,7 @@ impl Mirror {
         )
         .await
         .map_err(peer_error)?;
+        self.last_heard = Some(Instant::now());
         if let Some(reason) = found.replaced {
             self.store_replaced(&reason);
             return Err(End::Restart("store-replaced"));
@@ -802,6 +808,7 @@ impl Mirror {
         let Some(lease) = self.lease else {
             return Err(End::Restart("no local lease"));
         };
+        self.last_heard = Some(Instant::now());
         let mut events = vec![first];
         while events.len() < MAX_EVENT_BATCH {
             match streams.next().now_or_never() {
@@ -954,6 +961,7 @@ impl Mirror {
             self.status.connected = true;
             self.status.connected_since = Some(rfc3339(SystemTime::now()));
             self.status.disconnected_since = None;
+            self.status.silent_ms = None;
             self.metrics.connected.set(1);
             self.connected_at = Some(Instant::now());
         }
@@ -963,6 +971,9 @@ impl Mirror {
         if self.status.connected {
             self.status.connected = false;
             self.status.disconnected_since = Some(rfc3339(SystemTime::now()));
+            self.status.silent_ms = self
+                .last_heard
+                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
             self.status.connected_since = None;
             self.metrics.connected.set(0);
         }

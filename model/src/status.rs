@@ -89,6 +89,12 @@ pub struct PeerStatus {
     /// Since when the peer is not followed (RFC 3339), while disconnected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disconnected_since: Option<String>,
+    /// While disconnected: how long the peer had not been heard from (no answer to a probe,
+    /// no event) when the connection was found lost, in milliseconds. A partition is found
+    /// only when a probe times out; readers count their grace from the silence's start, not
+    /// from the finding. Measured on kvstoremesh's own clock, so no clock skew enters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silent_ms: Option<u64>,
     /// The peer file was removed: the cache is drained at this time (RFC 3339) unless the
     /// file comes back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,6 +149,7 @@ impl PeerStatus {
             last_sync_time: None,
             connected_since: None,
             disconnected_since: Some(since),
+            silent_ms: None,
             removal_drains_at: None,
         }
     }

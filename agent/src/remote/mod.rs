@@ -371,6 +371,7 @@ async fn run_direct(
                         peer,
                         connected: false,
                         error: Some("the peer file was removed".into()),
+                        silent: Duration::ZERO,
                     });
                     continue;
                 }
@@ -417,6 +418,7 @@ async fn run_direct(
                         peer: peer.clone(),
                         connected: false,
                         error: Some(error.to_string()),
+                        silent: Duration::ZERO,
                     });
                     None
                 }
