@@ -291,7 +291,9 @@ pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<Run
         );
     }
     let metrics = Metrics::default();
-    let datapath = datapath::start(config.datapath.clone(), &metrics).await?;
+    let datapath = datapath::start(config.datapath.clone(), &metrics)
+        .instrument(span.clone())
+        .await?;
     let shared = Arc::new(Shared {
         mesh: RwLock::new(mesh),
         status: RwLock::new(AgentStatus::default()),

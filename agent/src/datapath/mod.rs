@@ -242,9 +242,12 @@ pub async fn start(
         last_counters: BTreeMap::new(),
         monotonic_offset_ns: monotonic_offset_ns(),
     };
+    // The thread logs in the span it was started from (the agent's, naming the cluster).
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("datapath".to_owned())
         .spawn(move || {
+            let _span = span.entered();
             let mode = owner.options.mode;
             let loaded = match mode {
                 Mode::None => Err("--datapath none".to_owned()),
