@@ -144,6 +144,13 @@ async fn publish_until_failure(
         metrics,
     );
 
+    // Canaries a previous life left (a crash leaves them until its lease expires) would
+    // vouch for a state this pass is about to change kind by kind: they go first, so a
+    // reader sees the peer unsynced until each kind is whole again.
+    let stale_canaries = PUBLISHED_KINDS.map(|kind| Op::Delete {
+        key: kind.state_canary_key(&cluster.name),
+    });
+    client.raw().apply_batch(stale_canaries).await?;
     // The full pass: cluster config first (readers check it before anything else), then
     // every kind in full, each followed by its canary.
     put(client, &cluster.key(), cluster.encode(), &lease).await?;
