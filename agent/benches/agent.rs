@@ -341,7 +341,13 @@ fn in_process(o: &Options, rows: &mut Vec<Row>) {
         let config = common::cluster_config(&format!("c{c:03}"), c);
         let svc = service(&config, k % o.services.max(1), &[k % 7, 100 + k % 5]);
         let start = Instant::now();
-        state.apply_peer_change(&config.name, EntryChange::Upsert(Entry::Service(svc)));
+        state.apply_peer_change(
+            &config.name,
+            EntryChange::Upsert {
+                raw: svc.encode(),
+                entry: Entry::Service(svc),
+            },
+        );
         let changes = state.refresh();
         samples.push(start.elapsed());
         assert!(!changes.is_empty());

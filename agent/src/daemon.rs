@@ -490,7 +490,7 @@ impl Owner {
                     info.health.set_connected(false, now);
                 }
             }
-            PeerUpdate::Config { peer, config } => match config {
+            PeerUpdate::Config { peer, config, .. } => match config {
                 Ok(config) => {
                     let info = self.info(&peer, now);
                     info.cluster_id = Some(config.id.get());
@@ -530,7 +530,7 @@ impl Owner {
                     if connected {
                         tracing::info!(%peer, "peer connected");
                     } else {
-                        tracing::warn!(%peer, error = error.as_deref().unwrap_or(""), "peer disconnected");
+                        tracing::warn!(%peer, error = error.as_ref().map_or("", |e| e.text()), "peer disconnected");
                     }
                 }
                 // The grace runs from the start of the silence that ended in the loss (a
@@ -538,12 +538,20 @@ impl Owner {
                 let since = now.checked_sub(silent.min(MAX_SILENCE)).unwrap_or(now);
                 info.health
                     .set_connected(connected, if connected { now } else { since });
-                if error.is_some() {
-                    info.last_error = error;
+                if let Some(error) = error {
+                    info.last_error = Some(error.into_text());
                 }
             }
-            PeerUpdate::Heartbeat { peer } => self.info(&peer, now).health.heartbeat(now),
-            PeerUpdate::Invalid { peer, error } => {
+            // A deleted heartbeat is no sign of life.
+            PeerUpdate::Heartbeat { peer, value } => {
+                if value.is_some() {
+                    self.info(&peer, now).health.heartbeat(now);
+                }
+            }
+            PeerUpdate::Listing { peer, reason } => {
+                tracing::debug!(%peer, reason = reason.as_str(), "listing the peer");
+            }
+            PeerUpdate::Invalid { peer, error, .. } => {
                 self.shared
                     .metrics
                     .invalid_entries

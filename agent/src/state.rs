@@ -91,15 +91,25 @@ impl PeerPart {
 
 /// The tracker stages a peer's entries straight into the agent's tables.
 impl peer_follow::Part for PeerPart {
-    fn upsert(&mut self, entry: Entry) {
-        PeerPart::upsert(self, entry);
+    fn upsert(&mut self, entry: &Entry, _raw: &[u8]) {
+        PeerPart::upsert(self, entry.clone());
     }
 
     fn remove(&mut self, key: &StateKey) -> bool {
         PeerPart::remove(self, key)
     }
 
-    fn entries(&self) -> Vec<Entry> {
+    fn values(&self) -> Vec<(model::Kind, String, Vec<u8>)> {
+        self.entries()
+            .into_iter()
+            .map(|e| (e.kind(), e.key().to_string(), e.encode()))
+            .collect()
+    }
+}
+
+impl PeerPart {
+    /// Every entry held.
+    pub fn entries(&self) -> Vec<Entry> {
         self.nodes
             .values()
             .cloned()
@@ -359,26 +369,41 @@ impl MeshState {
         let dirty = &mut self.dirty;
         let owner = || Owner::Peer(name.clone());
         match change {
-            EntryChange::Upsert(Entry::Node(node)) => {
+            EntryChange::Upsert {
+                entry: Entry::Node(node),
+                ..
+            } => {
                 Self::mark_node(dirty, name, Some(&node));
                 let old = data.part.nodes.insert(node);
                 Self::mark_node(dirty, name, old.as_ref());
             }
-            EntryChange::Upsert(Entry::Service(service)) => {
+            EntryChange::Upsert {
+                entry: Entry::Service(service),
+                ..
+            } => {
                 dirty.services.insert(Keyed::key(&service));
                 data.part.services.insert(service);
             }
-            EntryChange::Upsert(Entry::Identity(identity)) => {
+            EntryChange::Upsert {
+                entry: Entry::Identity(identity),
+                ..
+            } => {
                 if data.part.identities.get(&identity.id) != Some(&identity) {
                     dirty.policy = true;
                     data.part.identities.insert(identity);
                 }
             }
-            EntryChange::Upsert(Entry::Ip(ip)) => {
+            EntryChange::Upsert {
+                entry: Entry::Ip(ip),
+                ..
+            } => {
                 dirty.ips.entry(owner()).or_default().push(ip.ip);
                 data.part.ips.insert(ip);
             }
-            EntryChange::Upsert(Entry::ServiceExport(_)) => {}
+            EntryChange::Upsert {
+                entry: Entry::ServiceExport(_),
+                ..
+            } => {}
             EntryChange::Delete(key) => {
                 match &key {
                     StateKey::Node { name: node, .. } => {
@@ -708,7 +733,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::merge::tests::{backend, service};
     use model::{ClusterId, DnsLabel, DnsSubdomain, NodeAddress, SchemaVersion};
-    use peer_follow::Part as _;
     use proptest::collection::{btree_map, vec};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
@@ -879,7 +903,10 @@ pub(crate) mod tests {
                     ),
                     Op::Upsert(i, g) => {
                         for entry in to_part(i, &g).entries() {
-                            state.apply_peer_change(&name(i), EntryChange::Upsert(entry));
+                            state.apply_peer_change(
+                                &name(i),
+                                EntryChange::Upsert { raw: entry.encode(), entry },
+                            );
                         }
                     }
                     Op::Delete(i, octet) => state.apply_peer_change(

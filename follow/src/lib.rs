@@ -27,5 +27,7 @@ pub use directory::{DirChange, PeerDirectory, Scan};
 pub use gate::{ConfigGate, ConfigRefusal, Verdict};
 pub use probe::{Heartbeat, Probe, probe};
 pub use session::{Sink, SinkClosed, follow_peer};
-pub use tracker::{EntryChange, Layout, Part, PeerTracker, PeerUpdate, Signal};
+pub use tracker::{
+    EntryChange, Layout, LinkError, ListReason, Part, PeerTracker, PeerUpdate, Signal,
+};
 pub use witness::{KeyVersion, StoreWitness};

@@ -15,14 +15,16 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use kvstore::client::{ClientConfig, KeyChange, MergeError, MergedWatch, StoreClient, WatchStream};
-use model::keys::{STATE_ROOT, SYNCED_ROOT};
-use model::{ClusterConfig, ClusterName, Phase};
+use model::keys::{STATE_ROOT, SYNCED_ROOT, cluster_config_key};
+use model::{ClusterConfig, ClusterName, Phase, error_chain};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::tracker::{KeyClass, Layout, Part, PeerTracker, PeerUpdate, Signal, classify};
+use crate::tracker::{
+    KeyClass, Layout, LinkError, ListReason, Part, PeerTracker, PeerUpdate, Signal, classify,
+};
 use crate::{Backoff, Claims, Heartbeat, StoreWitness};
 
 /// Revisions' signals handed to the tracker in one go, at most (more are taken next time).
@@ -53,8 +55,8 @@ pub enum SessionError {
     #[error("store: {0}")]
     Store(#[from] kvstore::client::Error),
     /// A watch stream failed; resume from the revision reached.
-    #[error("watch broken: {0}")]
-    Broken(String),
+    #[error(transparent)]
+    Broken(MergeError),
     /// The revision the watch needed is compacted: list again.
     #[error("watch revision compacted; listing again")]
     Compacted,
@@ -69,6 +71,16 @@ pub enum SessionError {
     Closed(#[from] SinkClosed),
 }
 
+impl SessionError {
+    /// What the follower is told about a session that ended with this error.
+    fn link_error(&self) -> LinkError {
+        match self {
+            SessionError::NotReady(text) => LinkError::Config(text.clone()),
+            error => LinkError::Store(format!("reading the peer's store: {}", error_chain(error))),
+        }
+    }
+}
+
 /// The follower behind a [`Sink`] is gone.
 #[derive(Debug, thiserror::Error)]
 #[error("the follower stopped listening")]
@@ -81,6 +93,14 @@ pub trait Sink<P>: Send {
         &mut self,
         updates: Vec<PeerUpdate<P>>,
     ) -> impl Future<Output = Result<(), SinkClosed>> + Send;
+
+    /// Resolves when the follower lost what it made of the peer's state (kvstoremesh: the
+    /// lease its cache was written under changed): the driver hands the tracker's state out
+    /// whole again ([`PeerTracker::republish`]), without reading the peer again. Never, by
+    /// default.
+    fn lost_state(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// A follower that owns its state in another task, fed through a channel.
@@ -140,8 +160,7 @@ impl From<MergeError> for SessionError {
     fn from(error: MergeError) -> Self {
         match error {
             MergeError::Relist(_) => SessionError::Compacted,
-            MergeError::Broken(error) => SessionError::Broken(error.to_string()),
-            MergeError::Ended => SessionError::Broken(error.to_string()),
+            error => SessionError::Broken(error),
         }
     }
 }
@@ -240,10 +259,13 @@ pub async fn pause(delay: Duration, cancel: &CancellationToken) -> bool {
 
 /// Follows `peer`'s own store (reached with `client`) until `cancel`, checked against the
 /// `local` cluster's config and, for its cluster id, against every peer in `claims`; its
-/// claim ends with it. Updates go to `sink`; the task stops early if the sink is gone.
+/// claim ends with it. Follows `kinds` (see [`PeerTracker::with_kinds`]). Updates go to
+/// `sink`; the task stops early if the sink is gone.
+#[allow(clippy::too_many_arguments)]
 pub async fn follow_peer<P, S>(
     peer: ClusterName,
     local: ClusterConfig,
+    kinds: &'static [model::Kind],
     claims: Arc<Claims>,
     client: ClientConfig,
     timing: Timing,
@@ -254,7 +276,9 @@ pub async fn follow_peer<P, S>(
     S: Sink<P>,
 {
     let span = tracing::info_span!("peer", peer = %peer);
-    let tracker = PeerTracker::new(peer.clone(), Layout::Direct, local).with_claims(claims.clone());
+    let tracker = PeerTracker::new(peer.clone(), Layout::Direct, local)
+        .with_claims(claims.clone())
+        .with_kinds(kinds);
     run(tracker, client, timing, sink, cancel)
         .instrument(span)
         .await;
@@ -280,7 +304,7 @@ async fn run<P, S>(
             let mut out = vec![PeerUpdate::Link {
                 peer,
                 connected: false,
-                error: Some(error.to_string()),
+                error: Some(LinkError::Store(error_chain(&error))),
                 silent: Duration::ZERO,
             }];
             let _ = flush(&mut sink, &mut out).await;
@@ -291,10 +315,13 @@ async fn run<P, S>(
         peer: peer.clone(),
         tracker,
         resume: None,
+        list_reason: ListReason::Initial,
         witness: StoreWitness::new(config.endpoints.len()),
         heartbeat: None,
+        heartbeat_refused: false,
         config: None,
         connected_at: None,
+        last_heard: None,
     };
     let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_max);
     loop {
@@ -304,29 +331,37 @@ async fn run<P, S>(
         };
         let error = match result {
             Err(SessionError::Closed(_)) => return,
-            Err(error @ (SessionError::Compacted | SessionError::Replaced(_))) => {
-                tracing::info!(%error, "listing the peer's store again");
-                session.resume = None;
-                error.to_string()
-            }
-            Err(error) => error.to_string(),
-            Ok(()) => String::new(),
+            Err(error) => error,
+            Ok(never) => match never {},
         };
+        let reason = match &error {
+            SessionError::Compacted => Some(ListReason::Compacted),
+            SessionError::Replaced(_) => Some(ListReason::StoreReplaced),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            tracing::info!(%error, "listing the peer's store again");
+            session.resume = None;
+            session.list_reason = reason;
+        }
         let connected_for = session.connected_at.take().map(|at| at.elapsed());
         backoff.session_ended(connected_for);
+        let link = error.link_error();
         if connected_for.is_some() {
-            tracing::warn!(%error, "lost the peer's store");
-            let mut out = vec![PeerUpdate::Link {
-                peer: peer.clone(),
-                connected: false,
-                error: Some(error),
-                silent: Duration::ZERO,
-            }];
-            if flush(&mut sink, &mut out).await.is_err() {
-                return;
-            }
+            tracing::warn!(error = %link, "lost the peer's store");
         } else {
-            tracing::debug!(%error, "peer not reachable or not ready");
+            tracing::debug!(error = %link, "peer not reachable or not ready");
+        }
+        // Told after every failed attempt, so a follower's status names the latest cause.
+        let silent = session.last_heard.map_or(Duration::ZERO, |at| at.elapsed());
+        let mut out = vec![PeerUpdate::Link {
+            peer: peer.clone(),
+            connected: false,
+            error: Some(link),
+            silent,
+        }];
+        if flush(&mut sink, &mut out).await.is_err() {
+            return;
         }
         if !pause(backoff.next_delay(), &cancel).await {
             return;
@@ -340,11 +375,26 @@ struct Session<P> {
     tracker: PeerTracker<P>,
     /// The next revision to watch from; `None`: list first.
     resume: Option<i64>,
+    /// Why the next listing happens.
+    list_reason: ListReason,
     witness: StoreWitness,
-    heartbeat: Option<Vec<u8>>,
+    /// The peer's heartbeat as last signalled (`None`: not probed yet).
+    heartbeat: Option<Option<Vec<u8>>>,
+    /// The heartbeat the peer writes is refused (warned once until it changes).
+    heartbeat_refused: bool,
     config: Option<Vec<u8>>,
     /// When the current session connected (the follower was told the link is up).
     connected_at: Option<Instant>,
+    /// When the peer last answered a probe or sent a change: a lost peer is reported with
+    /// the silence since then.
+    last_heard: Option<Instant>,
+}
+
+/// A step of a session's watch loop.
+enum Step {
+    Watch(Result<(i64, Vec<KeyChange>), MergeError>),
+    Probe,
+    LostState,
 }
 
 impl<P: Part + Send + Sync> Session<P> {
@@ -362,6 +412,7 @@ impl<P: Part + Send + Sync> Session<P> {
             self.witness.note_revision(next - 1);
         }
         let found = crate::probe(client, &self.peer, &mut self.witness, timeout).await?;
+        self.last_heard = Some(Instant::now());
         if found.config != self.config || self.tracker.phase() == Phase::Refused {
             self.config = found.config.clone();
             if found.config.is_some() {
@@ -369,13 +420,26 @@ impl<P: Part + Send + Sync> Session<P> {
             }
         }
         let heartbeat = match found.heartbeat {
-            Heartbeat::Valid(bytes) => Some(bytes),
-            Heartbeat::Absent | Heartbeat::Refused { .. } => None,
+            Heartbeat::Valid(bytes) => Some(Some(bytes)),
+            Heartbeat::Absent => Some(None),
+            Heartbeat::Refused { bytes } => {
+                if !self.heartbeat_refused {
+                    tracing::warn!(
+                        bytes,
+                        "refused the peer's heartbeat: not short UTF-8 text; the last one stands"
+                    );
+                }
+                None
+            }
         };
-        if heartbeat.is_some() && heartbeat != self.heartbeat {
-            self.tracker.handle(Signal::Heartbeat, out);
+        self.heartbeat_refused = heartbeat.is_none();
+        if let Some(heartbeat) = heartbeat
+            && self.heartbeat.as_ref() != Some(&heartbeat)
+        {
+            self.tracker
+                .handle(Signal::Heartbeat(heartbeat.clone()), out);
+            self.heartbeat = Some(heartbeat);
         }
-        self.heartbeat = heartbeat;
         Ok(found.replaced)
     }
 
@@ -387,24 +451,41 @@ impl<P: Part + Send + Sync> Session<P> {
         }
     }
 
+    /// Why the peer cannot be used yet, if it cannot.
+    fn not_ready(&self) -> Option<String> {
+        match self.tracker.phase() {
+            Phase::Refused => Some(
+                self.tracker
+                    .refusal()
+                    .unwrap_or("the peer's cluster config is refused")
+                    .to_owned(),
+            ),
+            Phase::Waiting if self.config.is_none() => Some(format!(
+                "peer {} has not published {}",
+                self.peer,
+                cluster_config_key(&self.peer)
+            )),
+            Phase::Waiting => Some(format!("peer {} has no usable cluster config", self.peer)),
+            Phase::Listing | Phase::Synced => None,
+        }
+    }
+
     async fn run<S: Sink<P>>(
         &mut self,
         client: &StoreClient,
         timing: &Timing,
         sink: &mut S,
-    ) -> Result<(), SessionError> {
+    ) -> Result<std::convert::Infallible, SessionError> {
         let mut out = Vec::new();
         if let Some(reason) = self.probe(client, timing.probe_timeout, &mut out).await? {
             tracing::info!(reason, "the peer's store was replaced; listing again");
             self.resume = None;
+            self.list_reason = ListReason::StoreReplaced;
         }
         flush(sink, &mut out).await?;
         // A peer without a usable config counts as not connected: it cannot be used.
-        if matches!(self.tracker.phase(), Phase::Waiting | Phase::Refused) {
-            return Err(SessionError::NotReady(format!(
-                "peer {} has no usable cluster config",
-                self.peer
-            )));
+        if let Some(why) = self.not_ready() {
+            return Err(SessionError::NotReady(why));
         }
         if self.connected_at.is_none() {
             self.connected_at = Some(Instant::now());
@@ -420,12 +501,19 @@ impl<P: Part + Send + Sync> Session<P> {
             Some(from) => from,
             None => {
                 let (revision, entries) = list_at(client, &prefixes).await?;
-                tracing::info!(revision, keys = entries.len(), "listed the peer's store");
-                self.tracker.begin_listing(&mut out);
+                self.last_heard = Some(Instant::now());
+                tracing::info!(
+                    revision,
+                    keys = entries.len(),
+                    reason = self.list_reason.as_str(),
+                    "listed the peer's store"
+                );
+                self.tracker.begin_listing(self.list_reason, &mut out);
                 let signals = order_batch(Layout::Direct, entries);
                 self.route(signals, &mut out);
                 self.tracker.end_listing(&mut out);
                 flush(sink, &mut out).await?;
+                self.list_reason = ListReason::Initial;
                 revision + 1
             }
         };
@@ -444,8 +532,14 @@ impl<P: Part + Send + Sync> Session<P> {
             if self.tracker.take_probe_soon() {
                 probe.reset_immediately();
             }
-            tokio::select! {
-                first = watch.next() => {
+            let step = tokio::select! {
+                first = watch.next() => Step::Watch(first),
+                _ = probe.tick() => Step::Probe,
+                () = sink.lost_state() => Step::LostState,
+            };
+            match step {
+                Step::Watch(first) => {
+                    self.last_heard = Some(Instant::now());
                     let (signals, error) =
                         take_revisions(&mut watch, first, Layout::Direct, &mut self.resume);
                     self.route(signals, &mut out);
@@ -454,11 +548,13 @@ impl<P: Part + Send + Sync> Session<P> {
                         return Err(error);
                     }
                 }
-                _ = probe.tick() => {
-                    if let Some(reason) = self.probe(client, timing.probe_timeout, &mut out).await? {
+                Step::Probe => {
+                    if let Some(reason) = self.probe(client, timing.probe_timeout, &mut out).await?
+                    {
                         return Err(SessionError::Replaced(reason));
                     }
                 }
+                Step::LostState => self.tracker.republish(&mut out),
             }
             flush(sink, &mut out).await?;
         }

@@ -35,7 +35,13 @@ use crate::{Claims, ConfigGate, Verdict};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryChange {
     /// The entry was written (validated).
-    Upsert(Entry),
+    Upsert {
+        /// The entry.
+        entry: Entry,
+        /// Its value as the peer wrote it (kvstoremesh mirrors these bytes, not a re-encoding
+        /// that would drop fields a newer peer added).
+        raw: Vec<u8>,
+    },
     /// The entry was deleted.
     Delete(StateKey),
 }
@@ -43,12 +49,35 @@ pub enum EntryChange {
 /// Where a follower keeps a peer's validated entries: the staging part while (re)listing,
 /// published whole once the peer is synced.
 pub trait Part: Clone + Default + std::fmt::Debug {
-    /// Adds or replaces `entry`.
-    fn upsert(&mut self, entry: Entry);
+    /// Adds or replaces `entry`, whose value the peer wrote as `raw`.
+    fn upsert(&mut self, entry: &Entry, raw: &[u8]);
     /// Removes the entry under `key`; says whether there was one.
     fn remove(&mut self, key: &StateKey) -> bool;
-    /// Every entry held, to validate them again against a changed config.
-    fn entries(&self) -> Vec<Entry>;
+    /// Every entry held as (kind, store key, value), to validate them again against a
+    /// changed config.
+    fn values(&self) -> Vec<(Kind, String, Vec<u8>)>;
+}
+
+/// Why a peer's store is listed (again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListReason {
+    /// The first listing of this follower.
+    Initial,
+    /// The revision to resume from is compacted.
+    Compacted,
+    /// The store is not the one the resume point belongs to.
+    StoreReplaced,
+}
+
+impl ListReason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListReason::Initial => "initial",
+            ListReason::Compacted => "compacted",
+            ListReason::StoreReplaced => "store-replaced",
+        }
+    }
 }
 
 /// Where a peer's state is read from.
@@ -83,8 +112,9 @@ pub enum Signal {
         /// The value.
         value: Option<Vec<u8>>,
     },
-    /// The peer's heartbeat changed.
-    Heartbeat,
+    /// The peer's heartbeat was written (`Some`, checked short UTF-8 text for direct reads)
+    /// or deleted.
+    Heartbeat(Option<Vec<u8>>),
     /// kvstoremesh's status of the peer was written (`Some`) or deleted (`None`).
     MeshStatus(Option<Vec<u8>>),
 }
@@ -96,7 +126,7 @@ impl Signal {
     pub fn order(&self) -> u8 {
         match self {
             Signal::Config(_) | Signal::Canary { .. } | Signal::MeshStatus(_) => 0,
-            Signal::Entry { .. } | Signal::Heartbeat => 1,
+            Signal::Entry { .. } | Signal::Heartbeat(_) => 1,
         }
     }
 }
@@ -117,6 +147,16 @@ pub enum PeerUpdate<P> {
         peer: ClusterName,
         /// The accepted config, or why it is refused.
         config: Result<ClusterConfig, String>,
+        /// The config's value as the peer wrote it.
+        raw: Vec<u8>,
+    },
+    /// A full listing of the peer starts (nothing changes for the follower until the
+    /// listing's [`PeerUpdate::Replace`]).
+    Listing {
+        /// The peer.
+        peer: ClusterName,
+        /// Why.
+        reason: ListReason,
     },
     /// The peer's phase changed.
     Phase {
@@ -147,19 +187,23 @@ pub enum PeerUpdate<P> {
         /// Whether it is up.
         connected: bool,
         /// Why it went down.
-        error: Option<String>,
+        error: Option<LinkError>,
         /// How long the peer had been silent when it was found down (zero: just now).
         silent: Duration,
     },
-    /// The peer's heartbeat changed.
+    /// The peer's heartbeat was written (`Some`) or deleted.
     Heartbeat {
         /// The peer.
         peer: ClusterName,
+        /// Its value.
+        value: Option<Vec<u8>>,
     },
     /// An entry of the peer was refused.
     Invalid {
         /// The peer.
         peer: ClusterName,
+        /// The entry's kind.
+        kind: Kind,
         /// Why (names the key).
         error: String,
     },
@@ -170,6 +214,40 @@ pub enum PeerUpdate<P> {
     },
 }
 
+/// Why a link to a peer is down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkError {
+    /// The peer's store cannot be reached or read.
+    Store(String),
+    /// The peer's store answers, but the peer has no usable cluster config: none published,
+    /// or a refused one.
+    Config(String),
+    /// The peer file cannot be used.
+    File(String),
+}
+
+impl LinkError {
+    /// The error's text.
+    pub fn text(&self) -> &str {
+        match self {
+            LinkError::Store(t) | LinkError::Config(t) | LinkError::File(t) => t,
+        }
+    }
+
+    /// The error's text, owned.
+    pub fn into_text(self) -> String {
+        match self {
+            LinkError::Store(t) | LinkError::Config(t) | LinkError::File(t) => t,
+        }
+    }
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.text())
+    }
+}
+
 /// One peer's state machine; see the [module docs](self).
 #[derive(Debug)]
 pub struct PeerTracker<P> {
@@ -178,7 +256,10 @@ pub struct PeerTracker<P> {
     /// The peer's accepted config (claiming its id among direct peers; kvstoremesh has
     /// already done that for its cache).
     gate: ConfigGate,
-    refused: bool,
+    /// Why the peer's config is refused (`None`: it is not).
+    refusal: Option<String>,
+    /// The kinds followed: the agent uses the core kinds, kvstoremesh mirrors every kind.
+    kinds: &'static [Kind],
     canaries: BTreeSet<Kind>,
     staging: P,
     /// Entries read while no config was accepted: key → (kind, value).
@@ -197,7 +278,8 @@ impl<P: Part> PeerTracker<P> {
             gate: ConfigGate::new(peer.clone(), local, None),
             peer,
             layout,
-            refused: false,
+            refusal: None,
+            kinds: &Kind::CORE,
             canaries: BTreeSet::new(),
             staging: P::default(),
             unvalidated: BTreeMap::new(),
@@ -216,6 +298,12 @@ impl<P: Part> PeerTracker<P> {
         }
     }
 
+    /// The same tracker, following `kinds` (the core kinds by default). Service exports are
+    /// waited for only from a peer whose config says it publishes them.
+    pub fn with_kinds(self, kinds: &'static [Kind]) -> Self {
+        PeerTracker { kinds, ..self }
+    }
+
     /// The peer.
     pub fn peer(&self) -> &ClusterName {
         &self.peer
@@ -223,7 +311,7 @@ impl<P: Part> PeerTracker<P> {
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        if self.refused {
+        if self.refusal.is_some() {
             Phase::Refused
         } else if self.gate.accepted().is_none() {
             Phase::Waiting
@@ -232,6 +320,11 @@ impl<P: Part> PeerTracker<P> {
         } else {
             Phase::Listing
         }
+    }
+
+    /// Why the peer's config is refused, if it is.
+    pub fn refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
     }
 
     /// The accepted config.
@@ -263,14 +356,29 @@ impl<P: Part> PeerTracker<P> {
 
     /// A full listing of everything the peer holds follows; every entry and canary is
     /// signalled again. Until [`end_listing`](Self::end_listing), nothing is published.
-    pub fn begin_listing(&mut self, out: &mut Vec<PeerUpdate<P>>) {
+    pub fn begin_listing(&mut self, reason: ListReason, out: &mut Vec<PeerUpdate<P>>) {
         let before = self.phase();
+        out.push(PeerUpdate::Listing {
+            peer: self.peer.clone(),
+            reason,
+        });
         self.listing = true;
         self.synced = false;
         self.canaries.clear();
         self.staging = P::default();
         self.unvalidated.clear();
         self.phase_changed(before, out);
+    }
+
+    /// Hands the published part out whole again, if the peer is synced: the follower lost
+    /// what it made of it.
+    pub fn republish(&mut self, out: &mut Vec<PeerUpdate<P>>) {
+        if self.synced {
+            out.push(PeerUpdate::Replace {
+                peer: self.peer.clone(),
+                part: self.staging.clone(),
+            });
+        }
     }
 
     /// The listing is complete; publishes the peer if every canary is there.
@@ -280,14 +388,20 @@ impl<P: Part> PeerTracker<P> {
     }
 
     fn required_canaries(&self) -> bool {
-        match (self.layout, self.gate.accepted()) {
-            (Layout::Direct, Some(config)) if !config.capabilities.sync_canaries => true,
-            _ => Kind::CORE.iter().all(|k| self.canaries.contains(k)),
+        let Some(config) = self.gate.accepted() else {
+            return false;
+        };
+        if self.layout == Layout::Direct && !config.capabilities.sync_canaries {
+            return true;
         }
+        self.kinds
+            .iter()
+            .filter(|k| **k != Kind::ServiceExports || config.capabilities.service_exports)
+            .all(|k| self.canaries.contains(k))
     }
 
     fn try_publish(&mut self, out: &mut Vec<PeerUpdate<P>>) {
-        if self.synced || self.listing || self.refused || self.gate.accepted().is_none() {
+        if self.synced || self.listing || self.refusal.is_some() || self.gate.accepted().is_none() {
             return;
         }
         if !self.required_canaries() {
@@ -324,8 +438,9 @@ impl<P: Part> PeerTracker<P> {
                 }
             }
             Signal::Entry { kind, key, value } => self.entry(kind, key, value, out),
-            Signal::Heartbeat => out.push(PeerUpdate::Heartbeat {
+            Signal::Heartbeat(value) => out.push(PeerUpdate::Heartbeat {
                 peer: self.peer.clone(),
+                value,
             }),
             Signal::MeshStatus(value) => {
                 self.mesh_status_seen = true;
@@ -350,7 +465,11 @@ impl<P: Part> PeerTracker<P> {
                 out.push(PeerUpdate::Link {
                     peer: self.peer.clone(),
                     connected,
-                    error: if connected { None } else { error },
+                    error: if connected {
+                        None
+                    } else {
+                        error.map(LinkError::Store)
+                    },
                     silent: if connected { Duration::ZERO } else { silent },
                 });
             }
@@ -366,11 +485,12 @@ impl<P: Part> PeerTracker<P> {
                     return;
                 };
                 let was_synced = self.synced;
-                self.refused = false;
+                self.refusal = None;
                 self.revalidate(out);
                 out.push(PeerUpdate::Config {
                     peer: self.peer.clone(),
                     config: Ok(config),
+                    raw: value.to_vec(),
                 });
                 if self.layout == Layout::Cache && !self.mesh_status_seen {
                     // No kvstoremesh status (yet): judge the peer by its heartbeat alone.
@@ -395,16 +515,15 @@ impl<P: Part> PeerTracker<P> {
                 tracing::warn!(peer = %self.peer, %error, "peer refused; nothing of it is used");
                 // Keep the entries (unvalidated) in case the config is fixed.
                 let staged = std::mem::take(&mut self.staging);
-                for entry in staged.entries() {
-                    let kind = entry.kind();
-                    self.unvalidated
-                        .insert(entry.key().to_string(), (kind, entry.encode()));
+                for (kind, key, value) in staged.values() {
+                    self.unvalidated.insert(key, (kind, value));
                 }
-                self.refused = true;
+                self.refusal = Some(error.clone());
                 self.synced = false;
                 out.push(PeerUpdate::Config {
                     peer: self.peer.clone(),
                     config: Err(error),
+                    raw: value.to_vec(),
                 });
             }
         }
@@ -415,12 +534,11 @@ impl<P: Part> PeerTracker<P> {
     fn revalidate(&mut self, out: &mut Vec<PeerUpdate<P>>) {
         let staged = std::mem::take(&mut self.staging);
         let mut pending = std::mem::take(&mut self.unvalidated);
-        for entry in staged.entries() {
-            let kind = entry.kind();
-            pending.insert(entry.key().to_string(), (kind, entry.encode()));
+        for (kind, key, value) in staged.values() {
+            pending.insert(key, (kind, value));
         }
         for (key, (kind, value)) in pending {
-            self.accept(kind, &key, &value, out);
+            self.accept(kind, &key, value, out);
         }
     }
 
@@ -430,14 +548,14 @@ impl<P: Part> PeerTracker<P> {
         &mut self,
         kind: Kind,
         key: &str,
-        value: &[u8],
+        value: Vec<u8>,
         out: &mut Vec<PeerUpdate<P>>,
     ) -> Option<EntryChange> {
         let config = self.gate.accepted()?;
-        match validate_entry(kind, key, value, config) {
+        match validate_entry(kind, key, &value, config) {
             Ok(entry) => {
-                self.staging.upsert(entry.clone());
-                Some(EntryChange::Upsert(entry))
+                self.staging.upsert(&entry, &value);
+                Some(EntryChange::Upsert { entry, raw: value })
             }
             Err(error) => {
                 if matches!(
@@ -448,6 +566,7 @@ impl<P: Part> PeerTracker<P> {
                 }
                 out.push(PeerUpdate::Invalid {
                     peer: self.peer.clone(),
+                    kind,
                     error: error.to_string(),
                 });
                 let state = validate_key(kind, key, config).ok()?;
@@ -465,10 +584,11 @@ impl<P: Part> PeerTracker<P> {
         value: Option<Vec<u8>>,
         out: &mut Vec<PeerUpdate<P>>,
     ) {
-        if !Kind::CORE.contains(&kind) {
+        if !self.kinds.contains(&kind) {
             return;
         }
-        let change = match (value, self.gate.accepted().is_some() && !self.refused) {
+        let usable = self.gate.accepted().is_some() && self.refusal.is_none();
+        let change = match (value, usable) {
             (Some(value), false) => {
                 self.unvalidated.insert(key, (kind, value));
                 None
@@ -477,7 +597,7 @@ impl<P: Part> PeerTracker<P> {
                 self.unvalidated.remove(&key);
                 None
             }
-            (Some(value), true) => self.accept(kind, &key, &value, out),
+            (Some(value), true) => self.accept(kind, &key, value, out),
             (None, true) => {
                 let state = self
                     .gate
@@ -583,7 +703,7 @@ pub fn signal_of(
             },
         ),
         KeyClass::Entry(peer, kind) => (peer, Signal::Entry { kind, key, value }),
-        KeyClass::Heartbeat(peer) => (peer, Signal::Heartbeat),
+        KeyClass::Heartbeat(peer) => (peer, Signal::Heartbeat(value)),
         KeyClass::MeshStatus(peer) => (Some(peer), Signal::MeshStatus(value)),
     })
 }
@@ -600,14 +720,17 @@ mod tests {
     struct Entries(BTreeMap<StateKey, Entry>);
 
     impl Part for Entries {
-        fn upsert(&mut self, entry: Entry) {
-            self.0.insert(entry.key(), entry);
+        fn upsert(&mut self, entry: &Entry, _raw: &[u8]) {
+            self.0.insert(entry.key(), entry.clone());
         }
         fn remove(&mut self, key: &StateKey) -> bool {
             self.0.remove(key).is_some()
         }
-        fn entries(&self) -> Vec<Entry> {
-            self.0.values().cloned().collect()
+        fn values(&self) -> Vec<(Kind, String, Vec<u8>)> {
+            self.0
+                .values()
+                .map(|e| (e.kind(), e.key().to_string(), e.encode()))
+                .collect()
         }
     }
 
@@ -682,7 +805,7 @@ mod tests {
         for layout in [Layout::Direct, Layout::Cache] {
             let mut t = PeerTracker::new(name("b"), layout, config("a", 1));
             let mut out = Vec::new();
-            t.begin_listing(&mut out);
+            t.begin_listing(ListReason::Initial, &mut out);
             t.handle(node_signal(layout, &node("b", 2, "n1"), true), &mut out);
             t.end_listing(&mut out);
             assert_eq!(t.phase(), Phase::Waiting);
@@ -749,7 +872,7 @@ mod tests {
         let mut t = PeerTracker::new(name("b"), Layout::Direct, config("a", 1));
         let mut out = Vec::new();
         t.handle(Signal::Config(Some(config("b", 2).encode())), &mut out);
-        t.begin_listing(&mut out);
+        t.begin_listing(ListReason::Initial, &mut out);
         for n in ["n1", "n2"] {
             t.handle(
                 node_signal(Layout::Direct, &node("b", 2, n), true),
@@ -761,7 +884,7 @@ mod tests {
         assert_eq!(replaces(&out), vec![2]);
         out.clear();
         // Relist: n2 is gone, the canaries come late.
-        t.begin_listing(&mut out);
+        t.begin_listing(ListReason::Initial, &mut out);
         t.handle(
             node_signal(Layout::Direct, &node("b", 2, "n1"), true),
             &mut out,
@@ -1028,7 +1151,7 @@ mod tests {
                         error: Some(error),
                         ..
                     },
-                ] => assert!(error.contains(expected), "{error}"),
+                ] => assert!(error.text().contains(expected), "{error}"),
                 other => panic!("{expected}: {other:?}"),
             }
         }

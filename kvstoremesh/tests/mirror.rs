@@ -288,7 +288,7 @@ async fn killed_peer_recovers(backend: testkit::Backend) {
     .await;
     assert_eq!(status.entries, second.len() as u64);
     let (_, after) = http_get(mesh.health, "/metrics").await;
-    assert!(relists(&after, "store-replaced") >= 4.0, "{after}");
+    assert!(relists(&after, "store-replaced") >= 1.0, "{after}");
     mesh.stop().await;
 }
 
@@ -301,6 +301,49 @@ async fn killed_and_wiped_etcd_peer_recovers_without_stale_keys() {
 async fn killed_and_wiped_embedded_peer_recovers_without_stale_keys() {
     let bin = testkit::kvstore_bin().expect("our store's binary");
     killed_peer_recovers(testkit::Backend::Embedded { bin }).await;
+}
+
+/// A peer that deletes a sync canary (with entries, in one revision: a lease that expired,
+/// an apiserver starting over) is incomplete: the cache keeps its last full state, unchanged,
+/// until the peer's canaries are back, then becomes the peer's state at once. kvstoremesh used
+/// to pass such deletions into the cache, where agents then lost them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_canary_freezes_the_cache_until_the_peer_is_complete_again() {
+    let local = Store::etcd().await;
+    let b = Peer::start("b", 2).await;
+    let state = sample_state(&b.config, 20);
+    b.publish(&state).await;
+    let mut mesh = Mesh::start(&cluster("a", 1), &local.endpoint(), &[&b], timing()).await;
+    wait_cache(&local.client, b.name(), &expected_cache(b.name(), &state)).await;
+    wait_status(&local.client, b.name(), "synced", |s| s.synced).await;
+
+    let gone = node(&b.config, 1).0;
+    assert!(state.contains_key(&gone));
+    b.client()
+        .raw()
+        .apply_batch(vec![
+            kvstore::client::Op::delete(Kind::Nodes.state_canary_key(b.name())),
+            kvstore::client::Op::delete(gone.clone()),
+        ])
+        .await
+        .expect("one transaction");
+    let (key, value) = node(&b.config, 900);
+    b.put(&key, value).await;
+    wait_status(&local.client, b.name(), "not synced", |s| !s.synced).await;
+    // Let a wrong mirror catch up before looking.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_cache(&local.client, b.name(), &expected_cache(b.name(), &state)).await;
+
+    b.canaries().await;
+    wait_cache(
+        &local.client,
+        b.name(),
+        &expected_cache(b.name(), &b.state().await),
+    )
+    .await;
+    let (status, _) = wait_status(&local.client, b.name(), "synced again", |s| s.synced).await;
+    assert_eq!(status.entries, b.state().await.len() as u64);
+    mesh.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

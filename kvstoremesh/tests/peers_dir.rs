@@ -217,3 +217,48 @@ async fn the_cache_survives_kvstoremesh_restarts() {
     })
     .await;
 }
+
+/// kvstoremesh's lease is revoked under it (the local store lost it, an operator revoked
+/// it): every cache key goes with it. The peer is idle, so no change of its will bring them
+/// back: kvstoremesh rewrites the peer's full state from what it holds under its new lease,
+/// without reading the peer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_lease_rewrites_an_idle_peers_cache() {
+    let local = Store::etcd().await;
+    let b = Peer::start("b", 2).await;
+    let state = sample_state(&b.config, 20);
+    b.publish(&state).await;
+    let mut mesh = Mesh::start(&cluster("a", 1), &local.endpoint(), &[&b], timing()).await;
+    wait_cache(&local.client, b.name(), &expected_cache(b.name(), &state)).await;
+    let old = cache_meta(&local.client, b.name()).await[0]
+        .2
+        .expect("the cache is leased");
+    let (_, before) = http_get(mesh.health, "/metrics").await;
+
+    local.client.revoke_lease(old).await.expect("revoke");
+    assert!(cache_of(&local.client, b.name()).await.is_empty());
+    let took = wait_cache(&local.client, b.name(), &expected_cache(b.name(), &state)).await;
+    println!("cache rewritten {took:?} after its lease was revoked");
+    let leases: std::collections::HashSet<_> = cache_meta(&local.client, b.name())
+        .await
+        .into_iter()
+        .map(|(_, _, lease)| lease)
+        .collect();
+    assert_eq!(leases.len(), 1);
+    assert_ne!(leases.into_iter().next().unwrap(), Some(old));
+    let config = local
+        .client
+        .raw()
+        .get(&model::keys::cluster_config_key(b.name()))
+        .await
+        .unwrap();
+    assert!(config.is_some(), "the peer's config is mirrored again");
+    let (_, after) = http_get(mesh.health, "/metrics").await;
+    let initial = "kvstoremesh_peer_relists_total{peer=\"b\",reason=\"initial\"}";
+    assert_eq!(
+        metric(&before, initial),
+        metric(&after, initial),
+        "rewritten from memory, not listed again"
+    );
+    mesh.stop().await;
+}

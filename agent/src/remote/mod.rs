@@ -29,7 +29,9 @@ use peer_follow::session::{
     take_revisions,
 };
 use peer_follow::tracker::{KeyClass, classify};
-use peer_follow::{Backoff, Claims, DirChange, PeerDirectory, StoreWitness, follow_peer};
+use peer_follow::{
+    Backoff, Claims, DirChange, LinkError, ListReason, PeerDirectory, StoreWitness, follow_peer,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -174,7 +176,7 @@ impl CacheReader {
         let tracker = self.trackers.entry(peer.clone()).or_insert_with(|| {
             let mut t = PeerTracker::new(peer, Layout::Cache, local);
             if listing {
-                t.begin_listing(&mut Vec::new());
+                t.begin_listing(ListReason::Initial, &mut Vec::new());
             }
             t
         });
@@ -263,6 +265,13 @@ async fn cache_session(
         Some(from) => from,
         None => {
             let (revision, entries) = list_at(client, &prefixes).await?;
+            // The agent logs the reason only; a relist of the cache follows a compaction or
+            // a replaced local store, which the agent does not tell apart.
+            let reason = if reader.trackers.is_empty() {
+                ListReason::Initial
+            } else {
+                ListReason::Compacted
+            };
             tracing::info!(
                 revision,
                 keys = entries.len(),
@@ -270,7 +279,7 @@ async fn cache_session(
             );
             reader.listing = true;
             for tracker in reader.trackers.values_mut() {
-                tracker.begin_listing(&mut out);
+                tracker.begin_listing(reason, &mut out);
             }
             let listed: BTreeSet<ClusterName> = entries
                 .iter()
@@ -370,7 +379,7 @@ async fn run_direct(
                     out.push(PeerUpdate::Link {
                         peer,
                         connected: false,
-                        error: Some("the peer file was removed".into()),
+                        error: Some(LinkError::File("the peer file was removed".into())),
                         silent: Duration::ZERO,
                     });
                     continue;
@@ -405,6 +414,7 @@ async fn run_direct(
                     Some(tokio::spawn(follow_peer(
                         peer.clone(),
                         local.clone(),
+                        &model::Kind::CORE,
                         claims.clone(),
                         config.client,
                         timing.session(),
@@ -417,7 +427,7 @@ async fn run_direct(
                     out.push(PeerUpdate::Link {
                         peer: peer.clone(),
                         connected: false,
-                        error: Some(error.to_string()),
+                        error: Some(LinkError::File(model::error_chain(&error))),
                         silent: Duration::ZERO,
                     });
                     None
