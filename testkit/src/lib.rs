@@ -5,9 +5,15 @@
 //! [`StoreProcess`] owns one child process on free loopback ports with its own temp data dir,
 //! so tests run in parallel without sharing state, and the child is SIGKILLed on drop so a
 //! failing test does not leak servers.
+//!
+//! For robustness tests of a replicated store, [`history`] records what concurrent clients
+//! saw and checks it (linearizability, revisions, watch streams), and [`faultproxy`] puts a
+//! link that can be partitioned, slowed or broken between a client and a store.
 
 mod bin;
 mod error;
+pub mod faultproxy;
+pub mod history;
 mod pki;
 mod process;
 pub mod sandbox;
