@@ -4,6 +4,7 @@
 //! when a store was replaced, or how fast to reconnect.
 //!
 //! - [`directory`]: the peers directory, polled into added/changed/removed peers;
+//! - [`fleet`]: one follower per peer of the directory, restarted and stopped with its file;
 //! - [`gate`]: the one check before anything of a peer is used: its cluster config;
 //! - [`claims`]: one cluster id per peer across every peer followed;
 //! - [`witness`]: whether a store is still the one a resume point belongs to;
@@ -15,6 +16,7 @@
 pub mod backoff;
 pub mod claims;
 pub mod directory;
+pub mod fleet;
 pub mod gate;
 pub mod probe;
 pub mod session;
@@ -24,6 +26,7 @@ pub mod witness;
 pub use backoff::{Backoff, HEALTHY_SESSION};
 pub use claims::Claims;
 pub use directory::{DirChange, PeerDirectory, Scan};
+pub use fleet::{FleetTiming, Roster, run_fleet};
 pub use gate::{ConfigGate, ConfigRefusal, Verdict};
 pub use probe::{Heartbeat, Probe, probe};
 pub use session::{Sink, SinkClosed, follow_peer};

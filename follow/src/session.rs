@@ -517,6 +517,8 @@ impl<P: Part + Send + Sync> Session<P> {
                 revision + 1
             }
         };
+        // The listing is handed over: a watch that fails to open resumes from after it.
+        self.resume = Some(from);
         let mut watch = merged_watch(
             client,
             &prefixes,
@@ -525,7 +527,6 @@ impl<P: Part + Send + Sync> Session<P> {
             Layout::Direct,
         )
         .await?;
-        self.resume = Some(from);
         let mut probe = tokio::time::interval(timing.probe_interval);
         probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {

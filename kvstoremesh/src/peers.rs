@@ -1,5 +1,5 @@
-//! One mirror task per peer of the peers directory ([`peer_follow::directory`] says which
-//! peers it holds, the same way it does for the agent's direct mode).
+//! One mirror task per peer of the peers directory: [`peer_follow::fleet`] runs them, as it
+//! does the agent's direct mode; this is what kvstoremesh adds on each change.
 //!
 //! A new file starts a peer task; a changed file restarts it (the cache is kept and
 //! reconciled); a removed file stops it and drains its cache after the grace period, unless
@@ -15,111 +15,56 @@ use kvstore::client::parse_peer_file;
 use model::keys::peer_status_key;
 use model::{ClusterName, StoreValue};
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::local;
 use daemon::error_chain as chain;
-use peer_follow::{DirChange, PeerDirectory};
+use peer_follow::{FleetTiming, Roster, run_fleet};
 
 use crate::mirror::{self, Shared};
 use crate::status::rfc3339;
 
-/// A running peer task.
-#[derive(Debug)]
-struct Managed {
-    cancel: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-/// Watches the peers directory and runs one task per peer until `cancel`.
+/// Follows the peers directory with one mirror task per peer until `cancel`.
 pub(crate) async fn run_manager(shared: Arc<Shared>, dir: PathBuf, cancel: CancellationToken) {
-    let mut manager = Manager {
-        directory: PeerDirectory::new(dir, shared.local_config.name.clone()),
-        shared,
-        running: BTreeMap::new(),
-        drains: BTreeMap::new(),
-        cancel: cancel.clone(),
+    let timing = FleetTiming {
+        poll_interval: shared.timing.peers_poll_interval,
+        stop_grace: shared.timing.shutdown_grace,
     };
-    let mut tick = tokio::time::interval(manager.shared.timing.peers_poll_interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let changes = manager.directory.poll().await;
-        manager.reconcile(changes).await;
-        manager.run_due_drains().await;
-        let snapshot = manager.shared.board.snapshot();
-        manager.shared.metrics.ready.set(i64::from(snapshot.ready));
-        manager
-            .shared
-            .metrics
-            .peers
-            .set(manager.running.len() as i64);
-    }
-    let grace = manager.shared.timing.shutdown_grace;
-    let tasks: Vec<_> = manager.running.into_values().map(|m| m.task).collect();
-    let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-    if tokio::time::timeout(grace, futures::future::join_all(tasks))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "peer tasks did not stop within the grace period; aborting them"
-        );
-        aborts.iter().for_each(tokio::task::AbortHandle::abort);
-    }
+    let roster = Manager {
+        shared: shared.clone(),
+        drains: BTreeMap::new(),
+    };
+    run_fleet(
+        dir,
+        shared.local_config.name.clone(),
+        shared.claims.clone(),
+        timing,
+        roster,
+        cancel,
+    )
+    .await;
 }
 
 struct Manager {
     shared: Arc<Shared>,
-    directory: PeerDirectory,
-    running: BTreeMap<ClusterName, Managed>,
     /// Removed peers and when their cache is drained.
     drains: BTreeMap<ClusterName, Instant>,
-    cancel: CancellationToken,
 }
 
-impl Manager {
-    async fn reconcile(&mut self, changes: Vec<DirChange>) {
-        for change in changes {
-            match change {
-                DirChange::Added { peer, path, bytes } => {
-                    if self.drains.remove(&peer).is_some() {
-                        tracing::info!(%peer, "peer file is back before its cache was drained");
-                    } else {
-                        tracing::info!(%peer, file = %path.display(), "peer added");
-                    }
-                    self.start(peer, &path, bytes);
-                }
-                DirChange::Changed { peer, path, bytes } => {
-                    tracing::info!(%peer, "peer file changed: reconnecting with the new configuration");
-                    self.stop(&peer).await;
-                    self.start(peer, &path, bytes);
-                }
-                DirChange::Removed { peer } => {
-                    self.stop(&peer).await;
-                    self.shared.claims.release(&peer);
-                    let grace = self.shared.timing.peer_removal_grace;
-                    self.drains.insert(peer.clone(), Instant::now() + grace);
-                    tracing::info!(%peer, ?grace, "peer file removed: its cache is drained after the grace period");
-                    self.write_removal_status(&peer, grace).await;
-                    self.shared.board.remove(&peer);
-                }
-            }
-        }
-    }
-
-    fn start(&mut self, peer: ClusterName, path: &Path, bytes: Vec<u8>) {
+impl Roster for Manager {
+    fn start(
+        &mut self,
+        peer: &ClusterName,
+        path: &Path,
+        bytes: &[u8],
+        dir: &Path,
+        cancel: CancellationToken,
+    ) -> Option<JoinHandle<()>> {
         let config = parse_peer_file(
-            &peer,
+            peer,
             path,
-            &bytes,
-            self.directory.dir(),
+            bytes,
+            dir,
             self.shared.timing.peer_request_timeout,
         );
         match &config {
@@ -131,29 +76,40 @@ impl Manager {
             Ok(_) => {}
             Err(error) => tracing::error!(%peer, error = %chain(error), "peer file unusable"),
         }
-        self.shared.board.configure(&peer);
-        let cancel = self.cancel.child_token();
-        let span = tracing::info_span!("peer", peer = %peer);
-        let task = tokio::spawn(
-            mirror::run_peer(self.shared.clone(), peer.clone(), config, cancel.clone())
-                .instrument(span),
-        );
-        self.running.insert(peer, Managed { cancel, task });
+        self.shared.board.configure(peer);
+        // A peer whose file is unusable still gets a task: it publishes the peer's status.
+        Some(tokio::spawn(mirror::run_peer(
+            self.shared.clone(),
+            peer.clone(),
+            config,
+            cancel,
+        )))
     }
 
-    async fn stop(&mut self, peer: &ClusterName) {
-        if let Some(managed) = self.running.remove(peer) {
-            managed.cancel.cancel();
-            let abort = managed.task.abort_handle();
-            if tokio::time::timeout(self.shared.timing.shutdown_grace, managed.task)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
+    async fn added(&mut self, peer: &ClusterName) {
+        if self.drains.remove(peer).is_some() {
+            tracing::info!(%peer, "peer file is back before its cache was drained");
         }
     }
 
+    async fn removed(&mut self, peer: &ClusterName) {
+        let grace = self.shared.timing.peer_removal_grace;
+        self.drains.insert(peer.clone(), Instant::now() + grace);
+        tracing::info!(%peer, ?grace, "its cache is drained after the grace period");
+        self.write_removal_status(peer, grace).await;
+        self.shared.board.remove(peer);
+    }
+
+    async fn polled(&mut self, followed: usize) -> bool {
+        self.run_due_drains().await;
+        let snapshot = self.shared.board.snapshot();
+        self.shared.metrics.ready.set(i64::from(snapshot.ready));
+        self.shared.metrics.peers.set(followed as i64);
+        true
+    }
+}
+
+impl Manager {
     async fn write_removal_status(&self, peer: &ClusterName, grace: Duration) {
         let (Some(mut peer_status), Some(lease)) =
             (self.shared.board.status_of(peer), self.shared.local.lease())

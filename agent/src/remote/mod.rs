@@ -17,7 +17,7 @@
 //! its sink; cache mode reads many peers over one connection with the same pieces.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,8 @@ use peer_follow::session::{
 };
 use peer_follow::tracker::{KeyClass, classify};
 use peer_follow::{
-    Backoff, Claims, DirChange, LinkError, ListReason, PeerDirectory, StoreWitness, follow_peer,
+    Backoff, Claims, FleetTiming, LinkError, ListReason, Roster, StoreWitness, follow_peer,
+    run_fleet,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -303,6 +304,8 @@ async fn cache_session(
             revision + 1
         }
     };
+    // The listing is handed over: a watch that fails to open resumes from after it.
+    *resume = Some(from);
     let mut watch = merged_watch(
         client,
         &prefixes,
@@ -311,7 +314,6 @@ async fn cache_session(
         Layout::Cache,
     )
     .await?;
-    *resume = Some(from);
     *connected = true;
     backoff.reset();
     out.push(PeerUpdate::SourceLink { connected: true });
@@ -331,19 +333,77 @@ async fn cache_session(
 
 // ---- direct mode --------------------------------------------------------------------------
 
-struct RunningPeer {
-    cancel: CancellationToken,
-    task: Option<JoinHandle<()>>,
+/// The agent's side of the peers directory: a [`follow_peer`] task per peer, whose updates
+/// go to the agent's channel, and the peer's presence told to the agent.
+struct DirectRoster {
+    local: ClusterConfig,
+    claims: Arc<Claims>,
+    timing: WatchTiming,
+    tx: mpsc::Sender<Vec<PeerUpdate>>,
+    out: Vec<PeerUpdate>,
 }
 
-impl RunningPeer {
-    /// Stops the peer's task and waits for it, so its claim on a cluster id is gone before
-    /// a successor claims.
-    async fn stop(self) {
-        self.cancel.cancel();
-        if let Some(task) = self.task {
-            let _ = task.await;
+impl Roster for DirectRoster {
+    fn start(
+        &mut self,
+        peer: &ClusterName,
+        path: &Path,
+        bytes: &[u8],
+        dir: &Path,
+        cancel: CancellationToken,
+    ) -> Option<JoinHandle<()>> {
+        match kvstore::client::parse_peer_file(peer, path, bytes, dir, self.timing.request_timeout)
+        {
+            Ok(config) => {
+                for key in &config.unknown_keys {
+                    tracing::warn!(%peer, key, "unknown key in peer file; ignored");
+                }
+                Some(tokio::spawn(follow_peer(
+                    peer.clone(),
+                    self.local.clone(),
+                    &model::Kind::CORE,
+                    self.claims.clone(),
+                    config.client,
+                    self.timing.session(),
+                    self.tx.clone(),
+                    cancel,
+                )))
+            }
+            Err(error) => {
+                tracing::warn!(%peer, %error, "peer file unusable");
+                self.out.push(PeerUpdate::Link {
+                    peer: peer.clone(),
+                    connected: false,
+                    error: Some(LinkError::File(model::error_chain(&error))),
+                    silent: Duration::ZERO,
+                });
+                None
+            }
         }
+    }
+
+    async fn added(&mut self, peer: &ClusterName) {
+        self.out.push(PeerUpdate::Configured {
+            peer: peer.clone(),
+            configured: true,
+        });
+    }
+
+    async fn removed(&mut self, peer: &ClusterName) {
+        self.out.push(PeerUpdate::Configured {
+            peer: peer.clone(),
+            configured: false,
+        });
+        self.out.push(PeerUpdate::Link {
+            peer: peer.clone(),
+            connected: false,
+            error: Some(LinkError::File("the peer file was removed".into())),
+            silent: Duration::ZERO,
+        });
+    }
+
+    async fn polled(&mut self, _followed: usize) -> bool {
+        flush(&mut self.tx, &mut self.out).await.is_ok()
     }
 }
 
@@ -351,103 +411,24 @@ async fn run_direct(
     dir: PathBuf,
     local: ClusterConfig,
     timing: WatchTiming,
-    mut tx: mpsc::Sender<Vec<PeerUpdate>>,
+    tx: mpsc::Sender<Vec<PeerUpdate>>,
     cancel: CancellationToken,
 ) {
-    let mut directory = PeerDirectory::new(dir, local.name.clone());
     let claims = Arc::new(Claims::default());
-    let mut running: BTreeMap<ClusterName, RunningPeer> = BTreeMap::new();
-    let mut tick = tokio::time::interval(timing.peers_poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let mut out = Vec::new();
-        for change in directory.poll().await {
-            let (peer, path, bytes) = match change {
-                DirChange::Removed { peer } => {
-                    if let Some(old) = running.remove(&peer) {
-                        old.stop().await;
-                    }
-                    tracing::info!(%peer, "peer file removed");
-                    out.push(PeerUpdate::Configured {
-                        peer: peer.clone(),
-                        configured: false,
-                    });
-                    out.push(PeerUpdate::Link {
-                        peer,
-                        connected: false,
-                        error: Some(LinkError::File("the peer file was removed".into())),
-                        silent: Duration::ZERO,
-                    });
-                    continue;
-                }
-                DirChange::Changed { peer, path, bytes } => {
-                    tracing::info!(%peer, "peer file changed; reconnecting");
-                    if let Some(old) = running.remove(&peer) {
-                        old.stop().await;
-                    }
-                    (peer, path, bytes)
-                }
-                DirChange::Added { peer, path, bytes } => {
-                    out.push(PeerUpdate::Configured {
-                        peer: peer.clone(),
-                        configured: true,
-                    });
-                    (peer, path, bytes)
-                }
-            };
-            let child = cancel.child_token();
-            let task = match kvstore::client::parse_peer_file(
-                &peer,
-                &path,
-                &bytes,
-                directory.dir(),
-                timing.request_timeout,
-            ) {
-                Ok(config) => {
-                    for key in &config.unknown_keys {
-                        tracing::warn!(%peer, key, "unknown key in peer file; ignored");
-                    }
-                    Some(tokio::spawn(follow_peer(
-                        peer.clone(),
-                        local.clone(),
-                        &model::Kind::CORE,
-                        claims.clone(),
-                        config.client,
-                        timing.session(),
-                        tx.clone(),
-                        child.clone(),
-                    )))
-                }
-                Err(error) => {
-                    tracing::warn!(%peer, %error, "peer file unusable");
-                    out.push(PeerUpdate::Link {
-                        peer: peer.clone(),
-                        connected: false,
-                        error: Some(LinkError::File(model::error_chain(&error))),
-                        silent: Duration::ZERO,
-                    });
-                    None
-                }
-            };
-            running.insert(
-                peer,
-                RunningPeer {
-                    cancel: child,
-                    task,
-                },
-            );
-        }
-        if flush(&mut tx, &mut out).await.is_err() {
-            break;
-        }
-    }
-    for (_, peer) in running {
-        peer.stop().await;
-    }
+    let fleet = FleetTiming {
+        poll_interval: timing.peers_poll_interval,
+        // A follower stops at its next await; a store request is the longest of them.
+        stop_grace: timing.request_timeout,
+    };
+    let name = local.name.clone();
+    let roster = DirectRoster {
+        local,
+        claims: claims.clone(),
+        timing,
+        tx,
+        out: Vec::new(),
+    };
+    run_fleet(dir, name, claims, fleet, roster, cancel).await;
 }
 
 #[cfg(test)]
