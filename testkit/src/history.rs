@@ -189,6 +189,9 @@ fn show(bytes: &[u8]) -> String {
 }
 
 fn millis(t: Nanos) -> String {
+    if t == Nanos::MAX {
+        return "at an unknown time".to_owned();
+    }
     format!("{:.3}ms", t as f64 / 1e6)
 }
 
@@ -386,6 +389,113 @@ impl History {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// The history with every unknown-outcome write under `record`'s prefix settled by what
+    /// the watcher received, since unknown writes make the search exponential and a run
+    /// with many faults is only checkable this way (etcd's robustness suite does the same):
+    /// - a put whose (key, value) the stream delivered happened, at that revision, before the
+    ///   first answer that carried that revision or a later one; one the stream did not
+    ///   deliver never happened;
+    /// - a delete event that no acknowledged delete explains goes to an unknown delete of
+    ///   that key (events in revision order to deletes in invocation order, the earliest
+    ///   being the least constrained); unknown deletes left over are dropped: whether they
+    ///   never ran or found nothing to delete, they changed nothing.
+    ///
+    /// Sound when every put wrote a value of its own and `record` holds every write under its
+    /// prefix up to the run's last revision, which [`History::check_watch`] verifies of it.
+    pub fn settle_unknown_writes(&self, record: &WatchRecord) -> History {
+        // A settled write took effect before any answer carrying its revision (or a later
+        // one) was sent: the earliest such answer bounds its return, which keeps the search
+        // from trying it everywhere after its invocation.
+        let mut answered: Vec<(i64, Nanos)> = self
+            .ops
+            .iter()
+            .filter_map(|o| o.revision().map(|r| (r, o.returned)))
+            .collect();
+        answered.sort_unstable();
+        let mut earliest_from = vec![Nanos::MAX; answered.len() + 1];
+        for i in (0..answered.len()).rev() {
+            earliest_from[i] = earliest_from[i + 1].min(answered[i].1);
+        }
+        let settled = |op: &Operation, result: OpResult| {
+            let first = answered.partition_point(|(r, _)| *r < result.revision());
+            let bound = earliest_from[first];
+            Operation {
+                returned: if bound >= op.invoked {
+                    bound
+                } else {
+                    Nanos::MAX
+                },
+                outcome: Outcome::Ok(result),
+                ..op.clone()
+            }
+        };
+        let mut puts: HashMap<(&[u8], &[u8]), i64> = HashMap::new();
+        let mut deletes: BTreeMap<&[u8], Vec<i64>> = BTreeMap::new();
+        for event in &record.events {
+            match &event.kind {
+                EventKind::Put { value } => {
+                    puts.insert((event.key.as_slice(), value.as_slice()), event.revision);
+                }
+                EventKind::Delete => deletes
+                    .entry(event.key.as_slice())
+                    .or_default()
+                    .push(event.revision),
+            }
+        }
+        let acknowledged: HashSet<i64> = self
+            .ops
+            .iter()
+            .filter_map(Operation::write_revision)
+            .collect();
+        let mut unknown_deletes: BTreeMap<&[u8], Vec<usize>> = BTreeMap::new();
+        for (i, op) in self.ops.iter().enumerate() {
+            if let (Op::Delete { key }, Outcome::Unknown) = (&op.op, &op.outcome)
+                && key.starts_with(&record.prefix)
+            {
+                unknown_deletes.entry(key.as_slice()).or_default().push(i);
+            }
+        }
+        let mut delete_revision: HashMap<usize, i64> = HashMap::new();
+        for (key, mut candidates) in unknown_deletes {
+            candidates.sort_by_key(|i| self.ops[*i].invoked);
+            let mut revisions: Vec<i64> = deletes
+                .get(key)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|r| !acknowledged.contains(r))
+                .collect();
+            revisions.sort_unstable();
+            delete_revision.extend(candidates.into_iter().zip(revisions));
+        }
+        self.ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, op)| match (&op.op, &op.outcome) {
+                (Op::Put { key, value }, Outcome::Unknown) if key.starts_with(&record.prefix) => {
+                    let revision = puts.get(&(key.as_slice(), value.as_slice()))?;
+                    Some(settled(
+                        op,
+                        OpResult::Put {
+                            revision: *revision,
+                        },
+                    ))
+                }
+                (Op::Delete { key }, Outcome::Unknown) if key.starts_with(&record.prefix) => {
+                    let revision = delete_revision.get(&i)?;
+                    Some(settled(
+                        op,
+                        OpResult::Delete {
+                            deleted: 1,
+                            revision: *revision,
+                        },
+                    ))
+                }
+                _ => Some(op.clone()),
+            })
+            .collect()
     }
 
     /// [`History::check_linearizable_within`] with [`DEFAULT_STEP_BUDGET`].
@@ -1886,5 +1996,75 @@ mod tests {
         let summary = history.check_linearizable().expect("linearizable");
         assert_eq!(summary.keys, 20);
         assert!(summary.operations > 3900, "{summary:?}");
+    }
+
+    #[test]
+    fn unknown_writes_are_settled_by_a_complete_watch() {
+        let ops = vec![
+            put(1, "k", "seen", (0, 10), 2),
+            Operation {
+                outcome: Outcome::Unknown,
+                ..put(2, "k", "landed", (5, 15), 0)
+            },
+            Operation {
+                outcome: Outcome::Unknown,
+                ..put(3, "k", "lost", (6, 16), 0)
+            },
+            get(1, "k", Some("landed"), (20, 30), 3),
+        ];
+        let history = History::from(ops);
+        let record = WatchRecord {
+            watcher: "w".into(),
+            prefix: b"k".to_vec(),
+            start_revision: 1,
+            events: vec![
+                WatchEvent::put(2, "k", "seen"),
+                WatchEvent::put(3, "k", "landed"),
+            ],
+        };
+        let settled = history.settle_unknown_writes(&record);
+        assert_eq!(settled.len(), 3, "the undelivered put is gone");
+        let landed = &settled.operations()[1];
+        assert_eq!(landed.write_revision(), Some(3));
+        assert_eq!(
+            landed.returned, 30,
+            "bounded by the read that saw revision 3"
+        );
+        settled
+            .check_linearizable()
+            .expect("the read saw the settled put");
+        // A watch that missed the put would settle it as never written: the read then fails.
+        let missed = WatchRecord {
+            events: vec![WatchEvent::put(2, "k", "seen")],
+            ..record
+        };
+        assert!(
+            history
+                .settle_unknown_writes(&missed)
+                .check_linearizable()
+                .is_err()
+        );
+
+        // Two unknown deletes, one delete event: the earlier delete takes it, the other
+        // changed nothing and goes.
+        let ops = vec![
+            put(1, "k", "x", (0, 10), 2),
+            unknown(2, Op::delete("k"), (20, 30)),
+            unknown(3, Op::delete("k"), (25, 35)),
+            get(1, "k", None, (40, 50), 3),
+            del(1, "k", 0, (60, 70), 3),
+        ];
+        let record = WatchRecord {
+            watcher: "w".into(),
+            prefix: b"k".to_vec(),
+            start_revision: 1,
+            events: vec![WatchEvent::put(2, "k", "x"), WatchEvent::delete(3, "k")],
+        };
+        let settled = History::from(ops).settle_unknown_writes(&record);
+        assert_eq!(settled.len(), 4);
+        assert_eq!(settled.operations()[1].write_revision(), Some(3));
+        settled
+            .check_linearizable()
+            .expect("the delete happened at 3");
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! For robustness tests of a replicated store, [`history`] records what concurrent clients
 //! saw and checks it (linearizability, revisions, watch streams), and [`faultproxy`] puts a
-//! link that can be partitioned, slowed or broken between a client and a store.
+//! link that can be partitioned, slowed or broken between a client and a store, and
+//! [`traffic`] is the recorded workload (clients and resuming watchers) they judge.
 
 mod bin;
 mod error;
@@ -17,6 +18,7 @@ pub mod history;
 mod pki;
 mod process;
 pub mod sandbox;
+pub mod traffic;
 
 pub use bin::{kvstore_bin, workspace_bin};
 pub use error::Error;
