@@ -4,7 +4,9 @@
 //! [cluster source](cluster_source) (manifests or the Kubernetes API), the [`publisher`]
 //! that keeps the store equal to what [`published`] says the cluster publishes, and the
 //! HTTP endpoints for health, readiness and metrics. One cancellation token stops them all.
+//! Several replicas may publish into one store: the [`election`] picks the one that does.
 
+pub mod election;
 mod health;
 pub mod metrics;
 pub mod published;
@@ -272,6 +274,7 @@ mod tests {
                 lease_ttl: Duration::from_secs(5),
                 heartbeat_interval: Duration::from_secs(1),
                 retry_backoff: Duration::from_millis(100),
+                replica: None,
             },
             health_listen: None,
             shutdown_grace: Duration::from_secs(5),

@@ -94,6 +94,11 @@ struct Args {
     /// How long shutdown waits for the parts to stop.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Run as one of several replicas publishing into one store, under this name (unique
+    /// per replica, stable across its restarts: a pod's name): one leads, the others stand by
+    /// and take over within --lease-ttl when it stops. Without it, the only publisher.
+    #[arg(long)]
+    replica_name: Option<String>,
 }
 
 fn existing(flag: &str, path: &Option<PathBuf>) -> anyhow::Result<()> {
@@ -141,6 +146,14 @@ impl Args {
         if self.heartbeat_interval.is_zero() {
             bail!("--heartbeat-interval must be greater than zero");
         }
+        if let Some(name) = &self.replica_name {
+            if name.is_empty() || name.len() > 253 {
+                bail!("--replica-name must be 1 to 253 characters");
+            }
+            if name.chars().any(char::is_control) {
+                bail!("--replica-name {name:?} holds control characters");
+            }
+        }
         let source = match (self.manifests, self.kubeconfig) {
             (Some(dir), _) => SourceConfig::Manifests(dir),
             (None, kubeconfig) => SourceConfig::Kubernetes { kubeconfig },
@@ -185,6 +198,7 @@ impl Args {
                 lease_ttl: self.lease_ttl,
                 heartbeat_interval: self.heartbeat_interval,
                 retry_backoff: Duration::from_secs(1),
+                replica: self.replica_name,
             },
             health_listen: Some(self.health_listen),
             shutdown_grace: self.shutdown_grace,

@@ -6,13 +6,18 @@
 //! it lists what the store holds under our prefixes, rewrites every desired key under the new
 //! lease, deletes what should no longer be there, and only then writes each prefix's sync
 //! canary, so a reader that waits for the canary never sees a partial state.
+//!
+//! Of several replicas only the [leader](crate::election) publishes, and each of its writes
+//! is guarded by its leadership. A replica that took over from a leader that stopped finds
+//! the published state in place under the lease it kept alive: its first pass writes only
+//! what differs, and keeps the canaries that vouch for it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_source::{ClusterObjects, SnapshotReceiver};
-use kvstore::client::{LeaseHandle, LeaseId, Op, StoreClient};
+use kvstore::client::{Guard, LeaseId, Op, StoreClient};
 use mesh_translate::{IdentityAllocator, TranslateConfig};
 use model::StoreValue;
 use model::keys::{HEARTBEAT_KEY, Kind};
@@ -20,6 +25,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::election::{self, Leadership, Role};
 use crate::metrics::Metrics;
 use crate::published::{PUBLISHED_KINDS, PublishCache, Published, publish_cached};
 
@@ -35,6 +41,9 @@ pub struct PublisherConfig {
     pub heartbeat_interval: Duration,
     /// Pause before retrying after the store failed.
     pub retry_backoff: Duration,
+    /// This replica's name in the leader key, when several replicas publish into one store
+    /// (one leads, the others stand by); `None`: the only publisher, no election.
+    pub replica: Option<String>,
 }
 
 /// What the publisher reports to health checks and logs.
@@ -46,6 +55,8 @@ pub struct PublisherStatus {
     pub entries: BTreeMap<&'static str, usize>,
     /// The last store error, cleared by the next success.
     pub last_error: Option<String>,
+    /// Leading, standing by, or campaigning.
+    pub role: Role,
 }
 
 /// Errors that stop a publishing pass; the publisher retries after them.
@@ -53,7 +64,7 @@ pub struct PublisherStatus {
 pub enum PublishError {
     /// The store refused or failed a request.
     #[error("store: {0}")]
-    Store(#[from] kvstore::client::Error),
+    Store(kvstore::client::Error),
     /// The lease was lost (expired, revoked, or the store was unreachable too long).
     #[error("the lease holding our keys was lost: {0:?}")]
     LeaseLost(kvstore::client::LeaseLost),
@@ -63,6 +74,20 @@ pub enum PublishError {
     /// The source stopped before it delivered a complete state.
     #[error("the cluster source stopped")]
     SourceStopped,
+    /// Another replica took the leadership over (this one had stopped refreshing it).
+    #[error("another replica leads now")]
+    Deposed,
+}
+
+impl From<kvstore::client::Error> for PublishError {
+    /// A guarded write refused: the leadership moved on.
+    fn from(error: kvstore::client::Error) -> Self {
+        if error.is_guard_failed() {
+            PublishError::Deposed
+        } else {
+            PublishError::Store(error)
+        }
+    }
 }
 
 /// What the store is known to hold for us, per kind.
@@ -78,11 +103,64 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let cluster = config.translate.cluster.name.clone();
+    // Health checks say whether this replica stands by, and for whom.
+    let report_role = |role: Role| status.send_modify(|s| s.role = role);
     loop {
-        let pass =
-            publish_until_failure(&client, &config, &mut snapshots, &status, &metrics, &cancel);
+        let leadership = match &config.replica {
+            Some(replica) => {
+                election::lead(&client, replica, config.lease_ttl, &report_role, &cancel).await
+            }
+            None => client
+                .grant_lease_with_shutdown(config.lease_ttl, &cancel)
+                .await
+                .map(|lease| {
+                    report_role(Role::Leader);
+                    Some(Leadership {
+                        lease,
+                        guard: None,
+                        took_over: false,
+                    })
+                }),
+        };
+        let leadership = match leadership {
+            Ok(Some(leadership)) => leadership,
+            Ok(None) => return,
+            Err(error) => {
+                let error = daemon::error_chain(&error);
+                tracing::warn!(%cluster, %error, "no lease to publish under; retrying");
+                metrics.store_errors.inc();
+                metrics.ready.set(0);
+                status.send_modify(|s| {
+                    s.ready = false;
+                    s.last_error = Some(error);
+                });
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(config.retry_backoff) => {}
+                }
+                continue;
+            }
+        };
+        let pass = publish_until_failure(
+            &client,
+            &config,
+            leadership,
+            &mut snapshots,
+            &status,
+            &metrics,
+            &cancel,
+        );
         match pass.await {
             Ok(()) => return,
+            Err(PublishError::Deposed) => {
+                tracing::warn!(%cluster, "another replica took the leadership over; standing by");
+                metrics.ready.set(0);
+                status.send_modify(|s| {
+                    s.ready = false;
+                    s.role = Role::Campaigning;
+                });
+                continue;
+            }
             // The apiserver watches the source itself and reports a source that stops on
             // its own; on shutdown the source stops too.
             Err(PublishError::SourceStopped) => {
@@ -109,17 +187,28 @@ pub async fn run(
     }
 }
 
-/// One life of a lease: a full pass, then incremental ones until something fails.
+/// One leadership: a full pass, then incremental ones until something fails.
 async fn publish_until_failure(
     client: &StoreClient,
     config: &PublisherConfig,
+    leadership: Leadership,
     snapshots: &mut SnapshotReceiver,
     status: &watch::Sender<PublisherStatus>,
     metrics: &Metrics,
     cancel: &CancellationToken,
 ) -> Result<(), PublishError> {
     let cluster = &config.translate.cluster;
-    let lease = client.grant_lease(config.lease_ttl).await?;
+    let Leadership {
+        lease,
+        guard,
+        took_over,
+    } = leadership;
+    let lease_id = lease.id();
+    let write = Writer {
+        client,
+        guard: guard.as_ref(),
+        metrics,
+    };
     let mut known = list_existing(client).await?;
     let mut allocator = IdentityAllocator::new(cluster).map_err(PublishError::Config)?;
     // Reuse the ids the store already holds, so identities survive our restart; entries
@@ -144,33 +233,63 @@ async fn publish_until_failure(
         metrics,
     );
 
-    // Canaries a previous life left (a crash leaves them until its lease expires) would
-    // vouch for a state this pass is about to change kind by kind: they go first, so a
-    // reader sees the peer unsynced until each kind is whole again.
-    let stale_canaries = PUBLISHED_KINDS.map(|kind| Op::Delete {
-        key: kind.state_canary_key(&cluster.name),
-    });
-    client.raw().apply_batch(stale_canaries).await?;
-    // The full pass: cluster config first (readers check it before anything else), then
-    // every kind in full, each followed by its canary.
-    put(client, &cluster.key(), cluster.encode(), &lease).await?;
-    for kind in PUBLISHED_KINDS {
-        let want = desired.entries.remove(&kind).unwrap_or_default();
-        let have = known.remove(&kind).unwrap_or_default();
-        let ops = full_sync_ops(&want, &have, lease.id());
-        apply(client, ops, metrics).await?;
-        put(
-            client,
-            &kind.state_canary_key(&cluster.name),
-            now_text(),
-            &lease,
-        )
-        .await?;
-        known.insert(kind, want);
+    if took_over {
+        // The state the previous leader published is in place under this lease, its
+        // canaries vouching for it: write only what differs. If anything does, the canaries
+        // go first and come back after, so no reader trusts a state changing under them.
+        let config_key = cluster.key();
+        let stored = client.raw().get(&config_key).await?;
+        if stored.map(|e| e.value) != Some(cluster.encode()) {
+            write.put(&config_key, cluster.encode(), lease_id).await?;
+        }
+        let mut ops = Vec::new();
+        for kind in PUBLISHED_KINDS {
+            let want = desired.entries.remove(&kind).unwrap_or_default();
+            let have = known.remove(&kind).unwrap_or_default();
+            ops.extend(diff_ops(&want, &have, lease_id));
+            known.insert(kind, want);
+        }
+        let writes = ops.len();
+        if writes > 0 {
+            let canaries = PUBLISHED_KINDS.map(|kind| Op::Delete {
+                key: kind.state_canary_key(&cluster.name),
+            });
+            write.apply(canaries.into()).await?;
+            write.apply(ops).await?;
+        }
+        for kind in PUBLISHED_KINDS {
+            let canary = kind.state_canary_key(&cluster.name);
+            if client.raw().get(&canary).await?.is_none() {
+                write.put(&canary, now_text(), lease_id).await?;
+            }
+        }
+        tracing::info!(writes, entries = ?entry_counts(&known), "took over the published state");
+    } else {
+        // Canaries a previous life left (a crash leaves them until its lease expires) would
+        // vouch for a state this pass is about to change kind by kind: they go first, so a
+        // reader sees the peer unsynced until each kind is whole again.
+        let stale_canaries = PUBLISHED_KINDS.map(|kind| Op::Delete {
+            key: kind.state_canary_key(&cluster.name),
+        });
+        write.apply(stale_canaries.into()).await?;
+        // The full pass: cluster config first (readers check it before anything else), then
+        // every kind in full, each followed by its canary.
+        write
+            .put(&cluster.key(), cluster.encode(), lease_id)
+            .await?;
+        for kind in PUBLISHED_KINDS {
+            let want = desired.entries.remove(&kind).unwrap_or_default();
+            let have = known.remove(&kind).unwrap_or_default();
+            write.apply(full_sync_ops(&want, &have, lease_id)).await?;
+            write
+                .put(&kind.state_canary_key(&cluster.name), now_text(), lease_id)
+                .await?;
+            known.insert(kind, want);
+        }
+        tracing::info!(entries = ?entry_counts(&known), "initial state published");
     }
-    put(client, HEARTBEAT_KEY, now_text(), &lease).await?;
+    write.put(HEARTBEAT_KEY, now_text(), lease_id).await?;
     report(status, &known, metrics, true);
-    tracing::info!(entries = ?status.borrow().entries, "initial state published");
 
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.tick().await;
@@ -178,7 +297,7 @@ async fn publish_until_failure(
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             lost = lease.lost() => return Err(PublishError::LeaseLost(lost)),
-            _ = heartbeat.tick() => put(client, HEARTBEAT_KEY, now_text(), &lease).await?,
+            _ = heartbeat.tick() => write.put(HEARTBEAT_KEY, now_text(), lease_id).await?,
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     return Err(PublishError::SourceStopped);
@@ -201,7 +320,7 @@ async fn publish_until_failure(
                 for kind in PUBLISHED_KINDS {
                     let want = next.entries.remove(&kind).unwrap_or_default();
                     let have = known.entry(kind).or_default();
-                    let kind_ops = diff_ops(&want, have, lease.id());
+                    let kind_ops = diff_ops(&want, have, lease_id);
                     if !kind_ops.is_empty() {
                         ops.extend(kind_ops);
                         changed.push((kind, want));
@@ -209,7 +328,7 @@ async fn publish_until_failure(
                 }
                 let writes = ops.len();
                 if writes > 0 {
-                    apply(client, ops, metrics).await?;
+                    write.apply(ops).await?;
                     known.extend(changed);
                 }
                 report(status, &known, metrics, true);
@@ -334,32 +453,52 @@ pub fn diff_ops(
     puts
 }
 
-async fn apply(
-    client: &StoreClient,
-    ops: Vec<Op<Vec<u8>>>,
-    metrics: &Metrics,
-) -> Result<(), PublishError> {
-    let count = ops.len() as u64;
-    client.raw().apply_batch(ops).await?;
-    metrics.writes.inc_by(count);
-    Ok(())
+/// The publisher's writes, each guarded by its leadership when there is an election.
+struct Writer<'a> {
+    client: &'a StoreClient,
+    guard: Option<&'a Guard>,
+    metrics: &'a Metrics,
 }
 
-async fn put(
-    client: &StoreClient,
-    key: &str,
-    value: Vec<u8>,
-    lease: &LeaseHandle,
-) -> Result<(), PublishError> {
-    client.raw().put(key, &value, Some(lease.id())).await?;
-    Ok(())
+impl Writer<'_> {
+    async fn apply(&self, ops: Vec<Op<Vec<u8>>>) -> Result<(), PublishError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let count = ops.len() as u64;
+        self.batch(ops).await?;
+        self.metrics.writes.inc_by(count);
+        Ok(())
+    }
+
+    async fn batch(&self, ops: Vec<Op<Vec<u8>>>) -> Result<(), PublishError> {
+        let raw = self.client.raw();
+        match self.guard {
+            Some(guard) => raw.apply_batch_guarded(guard, ops).await?,
+            None => raw.apply_batch(ops).await?,
+        };
+        Ok(())
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<(), PublishError> {
+        let op = Op::Put {
+            key: key.to_owned(),
+            value,
+            lease: Some(lease),
+        };
+        self.batch(vec![op]).await
+    }
+}
+
+fn entry_counts(known: &Known) -> BTreeMap<&'static str, usize> {
+    known
+        .iter()
+        .map(|(kind, entries)| (kind.name(), entries.len()))
+        .collect()
 }
 
 fn report(status: &watch::Sender<PublisherStatus>, known: &Known, metrics: &Metrics, ready: bool) {
-    let entries: BTreeMap<&'static str, usize> = known
-        .iter()
-        .map(|(kind, entries)| (kind.name(), entries.len()))
-        .collect();
+    let entries = entry_counts(known);
     for (kind, count) in &entries {
         metrics.entries(kind).set(*count as i64);
     }

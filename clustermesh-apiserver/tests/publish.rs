@@ -87,27 +87,6 @@ fn cluster_config() -> ClusterConfig {
     .unwrap()
 }
 
-/// The command line publishing `work`'s manifests into `store`.
-fn args(store: &Store, work: &Workdir, lease_ttl: &str) -> Vec<String> {
-    [
-        "--cluster-name",
-        CLUSTER,
-        "--cluster-id",
-        "2",
-        "--manifests",
-        &work.manifests().display().to_string(),
-        "--etcd-endpoints",
-        &store.process.endpoint(),
-        "--lease-ttl",
-        lease_ttl,
-        "--health-listen",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 // ---------------------------------------------------------------------------------------
 // What the eu-1 fixture publishes (tests/fixtures/eu-1/README.md)
 // ---------------------------------------------------------------------------------------

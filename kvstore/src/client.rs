@@ -43,6 +43,16 @@ pub use watch::{WatchConfig, WatchEvent, WatchStream};
 
 use error::classify;
 
+/// The condition of a guarded batch ([`TypedClient::apply_batch_guarded`]): `key` still has
+/// the mod revision its holder wrote it at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    /// The key (a leader's election key).
+    pub key: String,
+    /// Its mod revision when the holder wrote it.
+    pub mod_revision: i64,
+}
+
 /// Largest response the client accepts (a page of a listing, a watch response with a big
 /// transaction). tonic's default of 4 MiB is too small for large values.
 const MAX_DECODING_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -403,6 +413,19 @@ impl StoreClient {
         }
     }
 
+    /// The remaining and the granted TTL of a lease, or `None` if it does not exist: whether
+    /// its holder still refreshes it (a refreshed lease stays near its granted TTL).
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), lease = %id))]
+    pub async fn lease_ttls(&self, id: LeaseId) -> Result<Option<(Duration, Duration)>> {
+        let resp = lease::time_to_live(self, id).await?;
+        Ok(resp.filter(|resp| resp.ttl() >= 0).map(|resp| {
+            (
+                Duration::from_secs(resp.ttl() as u64),
+                Duration::from_secs(resp.granted_ttl().max(0) as u64),
+            )
+        }))
+    }
+
     /// The remaining TTL of a lease, or `None` if it does not exist (expired or revoked).
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), lease = %id))]
     pub async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
@@ -715,6 +738,26 @@ impl<C: Codec> TypedClient<C> {
         &self,
         ops: impl IntoIterator<Item = Op<C::Value>>,
     ) -> Result<BatchOutcome> {
+        self.apply_batch_inner(None, ops).await
+    }
+
+    /// [`apply_batch`](Self::apply_batch) with every transaction applied only while
+    /// `guard` holds: a writer that lost its claim (a deposed leader) writes nothing more,
+    /// and learns it from [`Error::GuardFailed`].
+    #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), guard = %guard.key))]
+    pub async fn apply_batch_guarded(
+        &self,
+        guard: &Guard,
+        ops: impl IntoIterator<Item = Op<C::Value>>,
+    ) -> Result<BatchOutcome> {
+        self.apply_batch_inner(Some(guard), ops).await
+    }
+
+    async fn apply_batch_inner(
+        &self,
+        guard: Option<&Guard>,
+        ops: impl IntoIterator<Item = Op<C::Value>>,
+    ) -> Result<BatchOutcome> {
         let mut encoded: Vec<(String, Option<Vec<u8>>, Option<LeaseId>)> = Vec::new();
         for op in ops {
             match op {
@@ -750,12 +793,28 @@ impl<C: Codec> TypedClient<C> {
                     None => TxnOp::delete(key, None),
                 })
                 .collect();
-            let txn = Txn::new().and_then(txn_ops);
+            let txn = match guard {
+                Some(guard) => Txn::new().when([Compare::mod_revision(
+                    guard.key.as_str(),
+                    CompareOp::Equal,
+                    guard.mod_revision,
+                )]),
+                None => Txn::new(),
+            }
+            .and_then(txn_ops);
             match self
                 .client
                 .call("apply_batch", None, lease_used, kv.txn(txn))
                 .await
             {
+                Ok(resp) if guard.is_some() && !resp.succeeded() => {
+                    let guard = guard.map(|g| g.key.clone()).unwrap_or_default();
+                    return Err(Error::BatchFailed {
+                        applied: outcome.ops,
+                        total,
+                        source: Box::new(Error::GuardFailed { key: guard }),
+                    });
+                }
                 Ok(resp) => {
                     outcome.ops += range.len();
                     outcome.txns += 1;

@@ -103,6 +103,27 @@ pub async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) 
     }
 }
 
+/// The command line publishing `work`'s manifests (of cluster eu-1, id 2) into `store`.
+pub fn args(store: &Store, work: &Workdir, lease_ttl: &str) -> Vec<String> {
+    [
+        "--cluster-name",
+        "eu-1",
+        "--cluster-id",
+        "2",
+        "--manifests",
+        &work.manifests().display().to_string(),
+        "--etcd-endpoints",
+        &store.process.endpoint(),
+        "--lease-ttl",
+        lease_ttl,
+        "--health-listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A running `clustermesh-apiserver`, SIGKILLed (by its own PID) when dropped.
 pub struct Apiserver {
     child: Option<Child>,
@@ -213,6 +234,17 @@ impl Apiserver {
 
     pub fn health(&self) -> SocketAddr {
         self.health.expect("started")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal}");
     }
 
     /// SIGKILL, by the child's own PID, and reap it.

@@ -113,6 +113,13 @@ pub enum Error {
         detail: String,
     },
 
+    /// A guarded batch's guard no longer holds: the key changed since its holder wrote it.
+    #[error("guard {key} changed: no longer the writer that held it")]
+    GuardFailed {
+        /// The guard key.
+        key: String,
+    },
+
     /// A batch failed part way through: the first `applied` operations were committed
     /// (in order), the rest were not.
     #[error("batch failed after {applied} of {total} operations were applied")]
@@ -145,6 +152,15 @@ impl Error {
         match self {
             Error::Compacted { .. } => true,
             Error::BatchFailed { source, .. } => source.is_compacted(),
+            _ => false,
+        }
+    }
+
+    /// Whether a guarded batch found its guard changed (directly or inside a failed batch).
+    pub fn is_guard_failed(&self) -> bool {
+        match self {
+            Error::GuardFailed { .. } => true,
+            Error::BatchFailed { source, .. } => source.is_guard_failed(),
             _ => false,
         }
     }
