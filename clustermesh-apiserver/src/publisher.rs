@@ -128,15 +128,8 @@ pub async fn run(
             Err(error) => {
                 let error = daemon::error_chain(&error);
                 tracing::warn!(%cluster, %error, "no lease to publish under; retrying");
-                metrics.store_errors.inc();
-                metrics.ready.set(0);
-                status.send_modify(|s| {
-                    s.ready = false;
-                    s.last_error = Some(error);
-                });
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(config.retry_backoff) => {}
+                if !failed(error, &status, &metrics, config.retry_backoff, &cancel).await {
+                    return;
                 }
                 continue;
             }
@@ -170,20 +163,34 @@ pub async fn run(
             Err(error) => {
                 let error = daemon::error_chain(&error);
                 tracing::warn!(%cluster, %error, "publishing failed; starting over with a full pass");
-                metrics.store_errors.inc();
                 // Whatever failed, the next pass starts from a new lease: until it has
                 // published everything again, readers may find keys missing.
-                metrics.ready.set(0);
-                status.send_modify(|s| {
-                    s.ready = false;
-                    s.last_error = Some(error);
-                });
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(config.retry_backoff) => {}
+                if !failed(error, &status, &metrics, config.retry_backoff, &cancel).await {
+                    return;
                 }
             }
         }
+    }
+}
+
+/// Reports a failed attempt (not ready, the error) and waits `backoff`; says whether to go
+/// on (not cancelled meanwhile).
+async fn failed(
+    error: String,
+    status: &watch::Sender<PublisherStatus>,
+    metrics: &Metrics,
+    backoff: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    metrics.store_errors.inc();
+    metrics.ready.set(0);
+    status.send_modify(|s| {
+        s.ready = false;
+        s.last_error = Some(error);
+    });
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(backoff) => true,
     }
 }
 
