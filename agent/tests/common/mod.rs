@@ -190,6 +190,7 @@ impl Peer {
                 lease_ttl: Duration::from_secs(10),
                 heartbeat_interval: Duration::from_millis(500),
                 retry_backoff: Duration::from_millis(200),
+                replica: None,
             },
             health_listen: None,
             shutdown_grace: Duration::from_secs(2),
