@@ -137,7 +137,7 @@ fn cell(v: Option<f64>, unit: &str) -> String {
     match v {
         None => "-".to_owned(),
         Some(v) if unit == "ops/s" => format!("{v:.0}"),
-        Some(v) if unit == "ms" => format!("{v:.3}"),
+        Some(v) if unit == "ms" || unit == "s" => format!("{v:.3}"),
         Some(v) => format!("{v:.1}"),
     }
 }
@@ -165,7 +165,7 @@ fn print_table(rows: &[Row]) {
             ratio
         );
     }
-    println!("(put/s: higher is better; latency and RSS: lower is better)");
+    println!("(put/s: higher is better; latency, CPU and RSS: lower is better)");
 }
 
 #[tokio::main]

@@ -98,12 +98,14 @@ fn value_of(size: usize, tag: usize) -> Vec<u8> {
 }
 
 /// Runs every workload against `endpoint` and returns the metrics in table order.
-/// `pid` is the server's process id, read for its resident memory at the end.
+/// `pid` is the server's process id, read for its CPU time around each put workload and for
+/// its resident memory at the end.
 pub async fn run_all(endpoint: &str, pid: u32, params: &Params) -> Result<Vec<Metric>> {
     let mut out = Vec::new();
 
+    let mut cpu = Vec::new();
     for &clients in &params.put_clients {
-        let rate = put_throughput(endpoint, clients, params)
+        let put = put_throughput(endpoint, pid, clients, params)
             .await
             .with_context(|| format!("put workload with {clients} clients"))?;
         let noun = if clients == 1 { "client" } else { "clients" };
@@ -112,9 +114,17 @@ pub async fn run_all(endpoint: &str, pid: u32, params: &Params) -> Result<Vec<Me
             &format!("put/s, {clients} {noun}"),
             "ops/s",
             true,
-            rate,
+            put.rate,
+        ));
+        cpu.push(metric(
+            &format!("put_cpu_s_per_10k_c{clients}"),
+            &format!("server CPU per 10k puts, {clients} {noun}"),
+            "s",
+            false,
+            put.cpu_seconds_per_10k,
         ));
     }
+    out.extend(cpu);
 
     let (single, prefix) = range_latency(endpoint, params)
         .await
@@ -173,9 +183,22 @@ pub async fn run_all(endpoint: &str, pid: u32, params: &Params) -> Result<Vec<Me
     Ok(out)
 }
 
+/// What one put workload measured.
+struct PutResult {
+    /// Acknowledged puts per second.
+    rate: f64,
+    /// Server CPU (user + system, all threads) spent per 10 000 acknowledged puts.
+    cpu_seconds_per_10k: f64,
+}
+
 /// Puts with `clients` concurrent clients, each on its own connection, for
-/// `params.put_duration`; returns acknowledged puts per second.
-async fn put_throughput(endpoint: &str, clients: usize, params: &Params) -> Result<f64> {
+/// `params.put_duration`; also reads the server's CPU time (`pid`) around the timed part.
+async fn put_throughput(
+    endpoint: &str,
+    pid: u32,
+    clients: usize,
+    params: &Params,
+) -> Result<PutResult> {
     let value = Arc::new(value_of(params.value_size, clients));
     let mut conns = Vec::with_capacity(clients);
     for c in 0..clients {
@@ -191,6 +214,7 @@ async fn put_throughput(endpoint: &str, clients: usize, params: &Params) -> Resu
         conns.push(client);
     }
 
+    let cpu_before = cpu_seconds(pid).context("reading the server's CPU time")?;
     let start = Instant::now();
     let deadline = start + params.put_duration;
     let tasks = conns.into_iter().enumerate().map(|(c, mut client)| {
@@ -213,7 +237,12 @@ async fn put_throughput(endpoint: &str, clients: usize, params: &Params) -> Resu
         total += n;
         end = end.max(finished);
     }
-    Ok(total as f64 / (end - start).as_secs_f64())
+    let cpu = cpu_seconds(pid).context("reading the server's CPU time")? - cpu_before;
+    ensure!(total > 0, "no put was acknowledged");
+    Ok(PutResult {
+        rate: total as f64 / (end - start).as_secs_f64(),
+        cpu_seconds_per_10k: cpu * 10_000.0 / total as f64,
+    })
 }
 
 /// Preloads `range_keys` keys, then measures sequential single-key gets and full-prefix ranges.
@@ -346,6 +375,28 @@ async fn watch_latency(endpoint: &str, params: &Params) -> Result<Percentiles> {
         samples.extend(r?);
     }
     Ok(percentiles(samples))
+}
+
+/// User plus system CPU time of a process and all its threads, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    /// The unit of `/proc/PID/stat` times: `USER_HZ`, 100 on every Linux ABI we run on.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("no ')' in /proc/PID/stat")?;
+    // After the name: state is field 3, so utime (14) and stime (15) are the 12th and 13th.
+    let mut fields = rest.split_whitespace().skip(11);
+    let mut tick = || -> Result<f64> {
+        Ok(fields
+            .next()
+            .context("/proc/PID/stat is too short")?
+            .parse::<u64>()? as f64)
+    };
+    let ticks = tick()? + tick()?;
+    Ok(ticks / TICKS_PER_SECOND)
 }
 
 /// VmRSS of a process, in MiB.
