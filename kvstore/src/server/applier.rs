@@ -14,6 +14,9 @@ use super::storage::{Batch, Storage, StorageError};
 
 /// Writes are gathered while the previous group is being fsynced; this bounds one group.
 const MAX_GROUP: usize = 1024;
+/// Groups applied in memory and waiting for the committer, which takes all of them in one
+/// fsync: staging stays eager, so a group that arrives mid-fsync is not committed alone.
+const STAGED_DEPTH: usize = 16;
 /// Watch feed depth; a stream that falls further behind catches up from storage.
 const FEED_CAPACITY: usize = 4096;
 /// How often leases are checked for expiry (etcd checks every 500 ms too).
@@ -114,7 +117,7 @@ impl Applier {
 async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pending>, cancel: CancellationToken) {
     // Applying and committing are pipelined: while one group is being fsynced, the next is
     // gathered and applied in memory (readers still see only durable revisions).
-    let (staged_tx, staged_rx) = mpsc::channel(1);
+    let (staged_tx, staged_rx) = mpsc::channel(STAGED_DEPTH);
     let committer = tokio::spawn(commit_loop(shared.clone(), staged_rx, cancel.clone()));
     let mut group = Vec::with_capacity(MAX_GROUP);
     loop {
@@ -152,6 +155,16 @@ struct Staged {
     replies: Vec<(Pending, Result<WriteResponse, KvError>)>,
 }
 
+impl Staged {
+    /// Takes in the group staged right after this one, to be committed together.
+    fn absorb(&mut self, later: Staged) {
+        self.batch.append(later.batch);
+        self.events.extend(later.events);
+        self.revision = later.revision;
+        self.replies.extend(later.replies);
+    }
+}
+
 fn stage(shared: &Shared, group: Vec<Pending>) -> Staged {
     let mut batch = Batch::default();
     let mut events = Vec::new();
@@ -177,7 +190,10 @@ async fn commit_loop(
     mut staged: mpsc::Receiver<Staged>,
     cancel: CancellationToken,
 ) {
-    while let Some(group) = staged.recv().await {
+    while let Some(mut group) = staged.recv().await {
+        while let Ok(later) = staged.try_recv() {
+            group.absorb(later);
+        }
         if let Err(error) = commit(&shared, group).await {
             // Memory is now ahead of disk; serving on would acknowledge writes a restart loses.
             tracing::error!(%error, "durable commit failed; the store stops accepting requests");

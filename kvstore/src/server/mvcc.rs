@@ -838,7 +838,7 @@ impl Mvcc {
                 expiring: false,
             },
         );
-        batch.leases_granted.push((id, ttl));
+        batch.grant_lease(id, ttl);
         Ok((id, ttl))
     }
 
@@ -847,7 +847,7 @@ impl Mvcc {
         for key in &lease.keys {
             self.delete_key(ctx, key);
         }
-        ctx.batch.leases_revoked.push(id);
+        ctx.batch.revoke_lease(id);
         Ok(())
     }
 

@@ -83,14 +83,9 @@ impl Wal {
         Ok((wal, frames))
     }
 
-    /// The sequence number the next frame gets; the engine records the last one it applied.
+    /// The sequence number the next frame gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
-    }
-
-    /// Continues numbering after `seq` (used when the engine is ahead of the log's frames).
-    pub fn continue_after(&mut self, seq: u64) {
-        self.next_seq = self.next_seq.max(seq + 1);
     }
 
     /// Whether appending `payload_len` bytes needs a checkpoint and a wrap first.
