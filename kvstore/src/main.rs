@@ -65,6 +65,24 @@ struct ServeArgs {
     /// How long shutdown waits for open streams.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// This member's name, as `etcdctl member list` shows it (etcd's --name).
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Comma-separated URLs clients reach this member at, as `etcdctl member list` shows
+    /// them (etcd's --advertise-client-urls); default: the listen address.
+    #[arg(long, value_delimiter = ',', value_parser = parse_client_url)]
+    advertise_client_urls: Vec<String>,
+}
+
+fn parse_client_url(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+        .ok_or_else(|| format!("{text:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) {
+        return Err(format!("{text:?} has no host"));
+    }
+    Ok(text.to_owned())
 }
 
 fn parse_cluster_name(text: &str) -> Result<ClusterName, String> {
@@ -125,6 +143,11 @@ impl ServeArgs {
         config.progress_interval = self.watch_progress_notify_interval;
         config.shutdown_grace = self.shutdown_grace;
         config.access = self.cluster_name;
+        if self.name.is_empty() || self.name.chars().any(char::is_control) {
+            bail!("--name {:?}: must be non-empty printable text", self.name);
+        }
+        config.name = self.name;
+        config.advertise_client_urls = self.advertise_client_urls;
         Ok(config)
     }
 }

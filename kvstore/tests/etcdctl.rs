@@ -26,6 +26,7 @@ both!(
     lease_lifecycle,
     endpoint_status_and_health,
     compaction,
+    member_list_and_cluster_status,
 );
 
 /// A TLS store with client-certificate auth, and an etcdctl bound to it.
@@ -662,6 +663,38 @@ async fn compaction(backend: Backend) {
     ];
     assert_eq!(got, expected, "watch from the compaction revision itself");
     ok.kill().await.expect("kill etcdctl watch");
+}
+
+/// One member until the store is replicated: `member list` names it with the URL clients
+/// reach it at, and `endpoint status --cluster` (which asks the member list where to go)
+/// works.
+async fn member_list_and_cluster_status(backend: Backend) {
+    let f = fixture(backend).await;
+    let ctl = &f.ctl;
+    let list = ctl.json(&["member", "list"]).await;
+    let members = list["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 1, "{list}");
+    let urls: Vec<&str> = members[0]["clientURLs"]
+        .as_array()
+        .map(|u| u.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(urls, [ctl.endpoint.as_str()], "{list}");
+    let id = members[0]["ID"].as_u64().unwrap_or_default();
+    assert_eq!(
+        id,
+        list["header"]["member_id"].as_u64().unwrap_or(1),
+        "{list}"
+    );
+
+    let status = ctl.json(&["endpoint", "status", "--cluster"]).await;
+    let rows = status.as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 1, "{status}");
+    assert_eq!(
+        rows[0]["Endpoint"].as_str(),
+        Some(ctl.endpoint.as_str()),
+        "{status}"
+    );
+    assert_eq!(rows[0]["Status"]["leader"].as_u64(), Some(id), "{status}");
 }
 
 #[test]

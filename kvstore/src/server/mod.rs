@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certs::ClusterName;
-use etcd_client::proto::{PbKvServer, PbLeaseServer, PbMaintenanceServer, PbWatchServer};
+use etcd_client::proto::{
+    PbClusterServer, PbKvServer, PbLeaseServer, PbMaintenanceServer, PbWatchServer,
+};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -56,6 +58,11 @@ pub struct ServerConfig {
     /// The cluster this store belongs to: turns on the per-user access rules of
     /// [`access`], which need client certificates.
     pub access: Option<ClusterName>,
+    /// This member's name in `MemberList` (etcd's `--name`).
+    pub name: String,
+    /// The URLs clients reach this member at, in `MemberList` (etcd's
+    /// `--advertise-client-urls`); empty: the listen address, with the scheme TLS implies.
+    pub advertise_client_urls: Vec<String>,
 }
 
 impl ServerConfig {
@@ -68,6 +75,8 @@ impl ServerConfig {
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
             shutdown_grace: Duration::from_secs(5),
             access: None,
+            name: "default".to_owned(),
+            advertise_client_urls: Vec::new(),
         }
     }
 }
@@ -162,7 +171,15 @@ impl Server {
             source,
         })?;
         let (applier, applier_task) = Applier::spawn(shared.clone(), cancel.clone());
+        let client_urls = if config.advertise_client_urls.is_empty() {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            vec![format!("{scheme}://{local_addr}")]
+        } else {
+            config.advertise_client_urls.clone()
+        };
         let services = Services {
+            name: config.name.clone(),
+            client_urls,
             shared,
             applier,
             max_request_bytes: config.max_request_bytes,
@@ -189,6 +206,7 @@ impl Server {
             .add_service(
                 PbLeaseServer::new(services.clone()).max_decoding_message_size(decode_limit),
             )
+            .add_service(PbClusterServer::new(services.clone()))
             .add_service(
                 PbMaintenanceServer::new(services).max_decoding_message_size(decode_limit),
             );

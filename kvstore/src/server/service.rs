@@ -32,6 +32,9 @@ pub struct Services {
     pub(crate) version: &'static str,
     /// Our cluster when access rules are on; `None` gives every client full rights.
     pub(crate) access: Option<ClusterName>,
+    /// This member's name and client URLs, for `MemberList`.
+    pub(crate) name: String,
+    pub(crate) client_urls: Vec<String>,
 }
 
 /// etcd's answer to a request the user's role does not allow.
@@ -427,4 +430,61 @@ impl PbMaintenanceService for Services {
     ) -> Result<Response<PbDowngradeResponse>, Status> {
         unimplemented("Downgrade")
     }
+}
+
+/// One member until the store is replicated: `MemberList` answers with it, so `etcdctl member
+/// list` and `endpoint status --cluster` work; changing membership is refused, saying why.
+#[tonic::async_trait]
+impl PbClusterService for Services {
+    async fn member_add(
+        &self,
+        _: Request<PbMemberAddRequest>,
+    ) -> Result<Response<PbMemberAddResponse>, Status> {
+        single_member("MemberAdd")
+    }
+
+    async fn member_remove(
+        &self,
+        _: Request<PbMemberRemoveRequest>,
+    ) -> Result<Response<PbMemberRemoveResponse>, Status> {
+        single_member("MemberRemove")
+    }
+
+    async fn member_update(
+        &self,
+        _: Request<PbMemberUpdateRequest>,
+    ) -> Result<Response<PbMemberUpdateResponse>, Status> {
+        single_member("MemberUpdate")
+    }
+
+    async fn member_list(
+        &self,
+        request: Request<PbMemberListRequest>,
+    ) -> Result<Response<PbMemberListResponse>, Status> {
+        require(self.role(&request).is_known())?;
+        let header = self.header();
+        Ok(Response::new(PbMemberListResponse {
+            members: vec![PbMember {
+                id: header.member_id,
+                name: self.name.clone(),
+                peer_ur_ls: Vec::new(),
+                client_ur_ls: self.client_urls.clone(),
+                is_learner: false,
+            }],
+            header: Some(header),
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        _: Request<PbMemberPromoteRequest>,
+    ) -> Result<Response<PbMemberPromoteResponse>, Status> {
+        single_member("MemberPromote")
+    }
+}
+
+fn single_member<T>(what: &str) -> Result<Response<T>, Status> {
+    Err(Status::failed_precondition(format!(
+        "{what}: this store runs as a single member (replication is not built yet)"
+    )))
 }
