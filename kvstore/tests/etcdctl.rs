@@ -27,6 +27,7 @@ both!(
     endpoint_status_and_health,
     compaction,
     member_list_and_cluster_status,
+    hashkv_follows_the_history,
 );
 
 /// A TLS store with client-certificate auth, and an etcdctl bound to it.
@@ -695,6 +696,52 @@ async fn member_list_and_cluster_status(backend: Backend) {
         "{status}"
     );
     assert_eq!(rows[0]["Status"]["leader"].as_u64(), Some(id), "{status}");
+}
+
+/// `endpoint hashkv`: the hash of the history up to a revision changes with a write, stays
+/// what it was for an earlier revision, survives a restart, and a future revision is refused.
+async fn hashkv_follows_the_history(backend: Backend) {
+    let mut f = fixture(backend).await;
+    let hashkv = async |ctl: &Ctl, rev: Option<i64>| -> i64 {
+        let rev = rev.map(|r| r.to_string());
+        let mut args = vec!["endpoint", "hashkv"];
+        if let Some(rev) = &rev {
+            args.extend(["--rev", rev.as_str()]);
+        }
+        let out = ctl.json(&args).await;
+        out[0]["HashKV"]["hash"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    let r1 = put_rev(&f.ctl, "h/a", "1").await;
+    let h1 = hashkv(&f.ctl, None).await;
+    put_rev(&f.ctl, "h/b", "2").await;
+    let h2 = hashkv(&f.ctl, None).await;
+    assert_ne!(h1, h2, "a write changes the hash");
+    assert_eq!(
+        hashkv(&f.ctl, Some(r1)).await,
+        h1,
+        "the history up to r1 is unchanged"
+    );
+    f.store.restart().await.expect("restart");
+    assert_eq!(
+        hashkv(&f.ctl, None).await,
+        h2,
+        "the hash survives a restart"
+    );
+    let mut client = f.store.client().await;
+    let whole = client.hash().await.expect("hash").hash();
+    client.put("h/c", "3", None).await.expect("put");
+    let after = client.hash().await.expect("hash").hash();
+    assert_ne!(after, whole, "Hash follows writes too");
+    let future = f
+        .ctl
+        .run(&["endpoint", "hashkv", "--rev", "1000000"], None)
+        .await;
+    assert!(
+        future.code != Some(0),
+        "a future revision is refused: {future:#?}"
+    );
 }
 
 #[test]

@@ -20,6 +20,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use super::access::Role;
 use super::applier::{Applier, Shared};
 use super::mvcc::{KeyRange, KvError, WriteRequest, WriteResponse, check_txn, txn_writes};
+use super::storage::{Revision, Storage, StorageError};
 
 /// What every service needs: the shared state, the write path and the limits.
 #[derive(Clone, Debug)]
@@ -125,6 +126,45 @@ impl Services {
 
     fn header(&self) -> PbResponseHeader {
         self.shared.read().header(self.shared.visible())
+    }
+
+    /// The CRC-32 of every stored record with a revision up to `through`, in revision order,
+    /// read off the async threads (it reads the whole history).
+    async fn hash_through(&self, through: i64) -> Result<u32, Status> {
+        let storage = self.shared.storage().clone();
+        tokio::task::spawn_blocking(move || hash_records(storage.as_ref(), through))
+            .await
+            .map_err(|e| Status::internal(format!("hashing stopped: {e}")))?
+            .map_err(|e| Status::internal(format!("hashing the store: {e}")))
+    }
+}
+
+/// Records hashed per storage read.
+const HASH_PAGE: usize = 10_000;
+
+/// A hash of every stored record with `revision.main <= through`: its revision and every
+/// field, so two stores agree only if their histories do.
+fn hash_records(storage: &dyn Storage, through: i64) -> Result<u32, StorageError> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut from = Revision::new(0, 0);
+    loop {
+        let page = storage.scan(from, through, HASH_PAGE)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(hasher.finalize());
+        };
+        from = Revision::new(last.main, last.sub + 1);
+        for (revision, record) in &page {
+            hasher.update(&revision.main.to_be_bytes());
+            hasher.update(&revision.sub.to_be_bytes());
+            for field in [&record.key, &record.value] {
+                hasher.update(&(field.len() as u64).to_be_bytes());
+                hasher.update(field);
+            }
+            hasher.update(&record.create_revision.to_be_bytes());
+            hasher.update(&record.version.to_be_bytes());
+            hasher.update(&record.lease.to_be_bytes());
+            hasher.update(&[u8::from(record.tombstone)]);
+        }
     }
 }
 
@@ -399,15 +439,52 @@ impl PbMaintenanceService for Services {
         unimplemented("Defragment")
     }
 
-    async fn hash(&self, _: Request<PbHashRequest>) -> Result<Response<PbHashResponse>, Status> {
-        unimplemented("Hash")
+    /// The hash of every record the store holds, at its current revision: what two members
+    /// holding the same history answer alike.
+    async fn hash(
+        &self,
+        request: Request<PbHashRequest>,
+    ) -> Result<Response<PbHashResponse>, Status> {
+        require(self.role(&request).is_admin())?;
+        let header = self.header();
+        let hash = self.hash_through(header.revision).await?;
+        Ok(Response::new(PbHashResponse {
+            header: Some(header),
+            hash,
+        }))
     }
 
+    /// The hash of the key-value history up to a revision (0: the current one), as etcd's
+    /// corruption check compares between members; a compacted or future revision is refused
+    /// as a range at it would be.
     async fn hash_kv(
         &self,
-        _: Request<PbHashKvRequest>,
+        request: Request<PbHashKvRequest>,
     ) -> Result<Response<PbHashKvResponse>, Status> {
-        unimplemented("HashKV")
+        require(self.role(&request).is_admin())?;
+        let header = self.header();
+        let compact_revision = self.shared.read().compact_revision();
+        let revision = match request.get_ref().revision {
+            0 => header.revision,
+            r if r < compact_revision => {
+                return Err(Status::out_of_range(
+                    "etcdserver: mvcc: required revision has been compacted",
+                ));
+            }
+            r if r > header.revision => {
+                return Err(Status::out_of_range(
+                    "etcdserver: mvcc: required revision is a future revision",
+                ));
+            }
+            r => r,
+        };
+        let hash = self.hash_through(revision).await?;
+        Ok(Response::new(PbHashKvResponse {
+            header: Some(header),
+            hash,
+            compact_revision,
+            hash_revision: revision,
+        }))
     }
 
     async fn snapshot(
