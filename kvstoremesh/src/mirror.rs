@@ -192,8 +192,9 @@ pub(crate) struct CacheSink {
     /// The peer's heartbeat (`None`: absent), and the digest and lease generation mirrored.
     heartbeat: Option<Vec<u8>>,
     mirrored_heartbeat: Option<(Option<u64>, u64)>,
-    /// When a write to the local store failed: the cache may lack what the driver handed
-    /// over, so its full state is asked for again.
+    /// When to ask the driver for the peer's full state again: the cache may lack what was
+    /// handed over (a failed local write: a little later) or hold it under a lease that is
+    /// gone (a new lease: at once).
     lost: Option<Instant>,
     /// The lease generation under which the cache of a previous connection was adopted.
     adopted: Option<u64>,
@@ -229,18 +230,18 @@ impl Sink<CachePart> for CacheSink {
     }
 
     async fn lost_state(&mut self) {
-        if let Some(at) = self.lost {
-            tokio::time::sleep_until((at + LOCAL_RETRY).into()).await;
-            self.lost = None;
-            return;
-        }
         loop {
+            if let Some(at) = self.lost {
+                tokio::time::sleep_until(at.into()).await;
+                self.lost = None;
+                return;
+            }
             let now = *self.lease_changes.borrow_and_update();
             if let (Some(written), Some(now)) = (self.lease, now)
                 && written.generation != now.generation
             {
                 self.new_lease(now);
-                return;
+                continue;
             }
             if self.lease_changes.changed().await.is_err() {
                 std::future::pending::<()>().await;
@@ -307,6 +308,9 @@ impl CacheSink {
         self.mirrored_heartbeat = None;
         self.status_written = None;
         self.synced = false;
+        // Whoever noticed the new lease (a delivery or the idle watch), what was written
+        // under the old one is rewritten whole.
+        self.lost = Some(Instant::now());
     }
 
     async fn handle(&mut self, update: PeerUpdate, lease: Lease) {
@@ -431,7 +435,7 @@ impl CacheSink {
             Ok(()) => true,
             Err(error) => {
                 self.failed(Stage::Local, &chain(&MirrorError::Local(error)));
-                self.lost = Some(Instant::now());
+                self.lost = Some(Instant::now() + LOCAL_RETRY);
                 self.synced = false;
                 false
             }
@@ -441,6 +445,8 @@ impl CacheSink {
     /// Makes the cache equal to the peer's full state: writes only what differs (or is
     /// under another lease), deletes what the peer no longer has, then writes the canaries.
     async fn replace(&mut self, part: CachePart, lease: Lease) {
+        // A full write is what a lost cache waits for: unless this one fails too.
+        self.lost = None;
         let started = Instant::now();
         let local = self.shared.local.clone();
         let prefixes = Kind::ALL.map(|kind| kind.cache_prefix(&self.peer));
@@ -450,7 +456,7 @@ impl CacheSink {
             Ok(listings) => listings,
             Err(error) => {
                 self.failed(Stage::Local, &chain(&MirrorError::Local(error)));
-                self.lost = Some(Instant::now());
+                self.lost = Some(Instant::now() + LOCAL_RETRY);
                 return;
             }
         };
