@@ -5,6 +5,7 @@
 //! The faults are the test's business; nothing here retries a request, since a request whose
 //! answer was lost is an [`Outcome::Unknown`](crate::history::Outcome) the checker must see.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::history::{ClientId, History, Op, OpResult, Recorder, WatchEvent, WatchRecord};
+use crate::history::{ClientId, History, Op, OpResult, Pending, Recorder, WatchEvent, WatchRecord};
 
 /// What the clients do.
 #[derive(Debug, Clone)]
@@ -75,48 +76,28 @@ pub async fn run_client(
         let failed = if roll < puts {
             let value = format!("c{id}-{i}");
             let pending = recorder.begin(id, Op::put(key.as_str(), value.as_str()));
-            match tokio::time::timeout(timeout, c.put(key, value, None)).await {
-                Ok(Ok(resp)) => {
-                    pending.ok(OpResult::Put {
-                        revision: resp.header().map_or(0, |h| h.revision()),
-                    });
-                    false
+            finish(pending, timeout, c.put(key, value, None), |r| {
+                OpResult::Put {
+                    revision: r.header().map_or(0, |h| h.revision()),
                 }
-                _ => {
-                    pending.unknown();
-                    true
-                }
-            }
+            })
+            .await
         } else if roll < puts + gets {
             let pending = recorder.begin(id, Op::get(key.as_str()));
-            match tokio::time::timeout(timeout, c.get(key, None)).await {
-                Ok(Ok(resp)) => {
-                    pending.ok(OpResult::Get {
-                        value: resp.kvs().first().map(|kv| kv.value().to_vec()),
-                        revision: resp.header().map_or(0, |h| h.revision()),
-                    });
-                    false
-                }
-                _ => {
-                    pending.unknown();
-                    true
-                }
-            }
+            finish(pending, timeout, c.get(key, None), |r| OpResult::Get {
+                value: r.kvs().first().map(|kv| kv.value().to_vec()),
+                revision: r.header().map_or(0, |h| h.revision()),
+            })
+            .await
         } else {
             let pending = recorder.begin(id, Op::delete(key.as_str()));
-            match tokio::time::timeout(timeout, c.delete(key, None)).await {
-                Ok(Ok(resp)) => {
-                    pending.ok(OpResult::Delete {
-                        deleted: resp.deleted(),
-                        revision: resp.header().map_or(0, |h| h.revision()),
-                    });
-                    false
+            finish(pending, timeout, c.delete(key, None), |r| {
+                OpResult::Delete {
+                    deleted: r.deleted(),
+                    revision: r.header().map_or(0, |h| h.revision()),
                 }
-                _ => {
-                    pending.unknown();
-                    true
-                }
-            }
+            })
+            .await
         };
         if failed {
             // A fresh connection, as a client library does after a broken one.
@@ -125,6 +106,26 @@ pub async fn run_client(
         i += 1;
         if !workload.think.is_zero() {
             tokio::time::sleep(workload.think).await;
+        }
+    }
+}
+
+/// Awaits `request` for at most `timeout` and records its outcome on `pending`: the answer
+/// as `to` reads it, or unknown. Says whether the request failed.
+async fn finish<T>(
+    pending: Pending,
+    timeout: Duration,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+    to: impl FnOnce(&T) -> OpResult,
+) -> bool {
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(answer)) => {
+            pending.ok(to(&answer));
+            false
+        }
+        _ => {
+            pending.unknown();
+            true
         }
     }
 }
