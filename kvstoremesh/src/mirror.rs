@@ -342,6 +342,10 @@ impl CacheSink {
                 self.config = None;
                 self.synced = false;
                 tracing::error!(%error, "peer refused: nothing of it is mirrored");
+                // The status says why at once; the failed attempt is counted when the
+                // session ends with this refusal.
+                self.status.last_error = Some(error);
+                self.status.last_error_time = Some(rfc3339(SystemTime::now()));
                 self.drain_refused().await;
             }
             PeerUpdate::Listing { reason, .. } => {
