@@ -3,11 +3,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use certs::ClusterName;
 use clap::{Parser, Subcommand};
+use kvstore::server::cluster::{
+    ClusterConfig, ClusterConfigError, InitialState, parse_initial_cluster,
+};
 use kvstore::server::{DEFAULT_MAX_REQUEST_BYTES, Server, ServerConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +42,38 @@ struct ServeArgs {
     /// Address to serve clients on.
     #[arg(long, default_value = "127.0.0.1:2379")]
     listen: SocketAddr,
+    /// The URL to serve clients on, as etcd's --listen-client-urls (one URL with an IP
+    /// address); replaces --listen.
+    #[arg(long, conflicts_with = "listen", value_parser = parse_socket_url)]
+    listen_client_urls: Option<SocketAddr>,
+    /// The members of a replicated store, `name=peer-url,...` (etcd's --initial-cluster);
+    /// turns on replication (raft). Without it the store is a single member.
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// This member's peer URLs as --initial-cluster names them (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "initial_cluster")]
+    initial_advertise_peer_urls: Vec<String>,
+    /// Where to accept other members (one URL with an IP address); default: this member's
+    /// first peer URL in --initial-cluster.
+    #[arg(long, requires = "initial_cluster", value_parser = parse_socket_url)]
+    listen_peer_urls: Option<SocketAddr>,
+    /// `new` founds the cluster; `existing` restarts a member that has its data directory
+    /// (joining a running cluster is not supported).
+    #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
+    initial_cluster_state: String,
+    /// Tells clusters apart: members (and their ids) of clusters with other tokens never
+    /// talk to each other.
+    #[arg(long, default_value = kvstore::server::cluster::DEFAULT_CLUSTER_TOKEN)]
+    initial_cluster_token: String,
+    /// Certificate (PEM) this member presents to other members; peer URLs must be https.
+    #[arg(long, requires_all = ["peer_key", "peer_cacert", "initial_cluster"])]
+    peer_cert: Option<PathBuf>,
+    /// Private key (PEM) of --peer-cert.
+    #[arg(long, requires = "peer_cert")]
+    peer_key: Option<PathBuf>,
+    /// CA bundle (PEM) other members' certificates must chain to (mutual TLS).
+    #[arg(long, requires = "peer_cert")]
+    peer_cacert: Option<PathBuf>,
     /// Directory holding the store; created if missing.
     #[arg(long, default_value = "kvstore.data")]
     data_dir: PathBuf,
@@ -85,6 +121,14 @@ fn parse_client_url(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+fn parse_socket_url(text: &str) -> Result<SocketAddr, String> {
+    let rest = parse_client_url(text)?;
+    let rest = rest.split_once("://").map_or(rest.as_str(), |(_, r)| r);
+    rest.trim_end_matches('/').parse().map_err(|_| {
+        format!("{text:?} must name an IP address and a port, e.g. http://127.0.0.1:2380")
+    })
+}
+
 fn parse_cluster_name(text: &str) -> Result<ClusterName, String> {
     ClusterName::new(text).map_err(|e| e.to_string())
 }
@@ -116,6 +160,9 @@ impl ServeArgs {
             ("--cert", &self.cert),
             ("--key", &self.key),
             ("--cacert", &self.cacert),
+            ("--peer-cert", &self.peer_cert),
+            ("--peer-key", &self.peer_key),
+            ("--peer-cacert", &self.peer_cacert),
         ] {
             if let Some(path) = path
                 && !path.is_file()
@@ -129,7 +176,12 @@ impl ServeArgs {
                 self.data_dir.display()
             );
         }
-        let mut config = ServerConfig::new(self.listen, self.data_dir);
+        let cluster = self.cluster()?;
+        let mut config = ServerConfig::new(
+            self.listen_client_urls.unwrap_or(self.listen),
+            self.data_dir,
+        );
+        config.cluster = cluster;
         config.tls = match (self.cert, self.key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -149,6 +201,53 @@ impl ServeArgs {
         config.name = self.name;
         config.advertise_client_urls = self.advertise_client_urls;
         Ok(config)
+    }
+}
+
+impl ServeArgs {
+    /// The replication settings, checked as etcd checks them, or `None` for a single member.
+    fn cluster(&self) -> anyhow::Result<Option<Arc<ClusterConfig>>> {
+        let Some(text) = &self.initial_cluster else {
+            return Ok(None);
+        };
+        let token = &self.initial_cluster_token;
+        let members = parse_initial_cluster(text, token)?;
+        let me = members
+            .iter()
+            .find(|m| m.name == self.name)
+            .ok_or_else(|| ClusterConfigError::NotListed {
+                name: self.name.clone(),
+            })?;
+        let listen_peer = match self.listen_peer_urls {
+            Some(addr) => addr,
+            None => parse_socket_url(&me.peer_urls[0]).map_err(|e| {
+                anyhow::anyhow!(
+                    "--listen-peer-urls is not given and this member's peer URL cannot be listened on: {e}"
+                )
+            })?,
+        };
+        let peer_tls = match (&self.peer_cert, &self.peer_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.peer_cacert.clone(),
+            }),
+            _ => None,
+        };
+        let state = if self.initial_cluster_state == "existing" {
+            InitialState::Existing
+        } else {
+            InitialState::New
+        };
+        Ok(Some(Arc::new(ClusterConfig::new(
+            &self.name,
+            members,
+            &self.initial_advertise_peer_urls,
+            token,
+            state,
+            listen_peer,
+            peer_tls,
+        )?)))
     }
 }
 

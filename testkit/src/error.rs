@@ -73,6 +73,18 @@ pub enum Error {
         log_tail: String,
     },
 
+    /// The live members of a [`crate::cluster::StoreCluster`] did not agree on a leader within
+    /// the timeout: no quorum is up, or elections keep failing on an overloaded machine.
+    #[error("no agreed leader after {timeout:?} ({last_seen}); log tails:\n{log_tail}")]
+    NoLeader {
+        /// How long we waited.
+        timeout: Duration,
+        /// What each member said last (its leader, or why it did not answer).
+        last_seen: String,
+        /// The last lines of every member's log.
+        log_tail: String,
+    },
+
     /// Our store's binary could not be built (and none was left by an earlier build).
     #[error("{0}")]
     Build(String),

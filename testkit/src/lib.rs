@@ -10,8 +10,11 @@
 //! saw and checks it (linearizability, revisions, watch streams), and [`faultproxy`] puts a
 //! link that can be partitioned, slowed or broken between a client and a store, and
 //! [`traffic`] is the recorded workload (clients and resuming watchers) they judge.
+//! [`cluster`] starts several members of one store as a replicated cluster, for tests of
+//! leader loss and member restarts.
 
 mod bin;
+pub mod cluster;
 mod error;
 pub mod faultproxy;
 pub mod history;
@@ -23,4 +26,6 @@ pub mod traffic;
 pub use bin::{kvstore_bin, workspace_bin};
 pub use error::Error;
 pub use pki::{CertFiles, TestPki};
-pub use process::{Backend, DEFAULT_STARTUP_TIMEOUT, StoreOptions, StoreProcess, backends};
+pub use process::{
+    Backend, DEFAULT_STARTUP_TIMEOUT, StoreOptions, StoreProcess, backends, free_ports,
+};

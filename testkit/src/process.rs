@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, ConnectOptions, StatusResponse};
 
 use crate::{Error, TestPki};
 
@@ -18,7 +18,7 @@ use crate::{Error, TestPki};
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How many times a start is retried when the picked ports turn out to be taken.
-const PORT_ATTEMPTS: u32 = 5;
+pub(crate) const PORT_ATTEMPTS: u32 = 5;
 
 /// Which store implementation to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +42,7 @@ impl Backend {
         }
     }
 
-    fn program(&self) -> PathBuf {
+    pub(crate) fn program(&self) -> PathBuf {
         match self {
             Backend::Etcd => std::env::var_os("ETCD_BIN")
                 .map(PathBuf::from)
@@ -115,7 +115,7 @@ impl fmt::Debug for StoreProcess {
 }
 
 /// Why one start attempt failed: a port clash is retried with new ports, anything else is final.
-enum Attempt {
+pub(crate) enum Attempt {
     PortClash(String),
     Failed(Error),
 }
@@ -146,9 +146,9 @@ impl StoreProcess {
         };
         let mut last_tail = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            let (client_port, peer_port) = free_port_pair()?;
-            store.client_port = client_port;
-            store.peer_port = peer_port;
+            let ports = free_ports(2)?;
+            store.client_port = ports[0];
+            store.peer_port = ports[1];
             match store.spawn_and_wait().await {
                 Ok(()) => return Ok(store),
                 Err(Attempt::Failed(e)) => return Err(e),
@@ -226,30 +226,17 @@ impl StoreProcess {
     /// Freezes the process with SIGSTOP: connections stay open and nothing answers, as with
     /// a hung or partitioned store. [`StoreProcess::kill`] (and drop) still end it.
     pub fn freeze(&self) {
-        self.send_signal("STOP");
+        send_signal(self.pid, "STOP");
     }
 
     /// Resumes a process frozen by [`StoreProcess::freeze`].
     pub fn thaw(&self) {
-        self.send_signal("CONT");
-    }
-
-    fn send_signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {}", self.pid);
+        send_signal(self.pid, "CONT");
     }
 
     /// SIGKILLs the process and reaps it. No-op if it is not running.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Errors mean it already exited; `wait` reaps it either way.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 
     /// Kills the process if it runs and starts it again on the same data dir and port, waiting
@@ -322,11 +309,8 @@ impl StoreProcess {
                     .arg("--initial-cluster")
                     .arg(format!("testkit={peer_url}"))
                     .arg("--initial-cluster-state")
-                    .arg("new")
-                    .arg("--logger")
-                    .arg("zap")
-                    .arg("--log-outputs")
-                    .arg("stderr");
+                    .arg("new");
+                etcd_process_settings(&mut cmd);
                 if let Some(n) = self.opts.max_request_bytes {
                     cmd.arg("--max-request-bytes").arg(n.to_string());
                 }
@@ -343,12 +327,6 @@ impl StoreProcess {
                         .arg("--trusted-ca-file")
                         .arg(pki.ca_path())
                         .arg("--client-cert-auth");
-                }
-                // Settings from the developer's shell must not change the store under test.
-                for (k, _) in std::env::vars_os() {
-                    if k.to_string_lossy().starts_with("ETCD_") {
-                        cmd.env_remove(k);
-                    }
                 }
             }
             Backend::Embedded { .. } => {
@@ -380,26 +358,7 @@ impl StoreProcess {
     }
 
     async fn spawn_and_wait(&mut self) -> Result<(), Attempt> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .map_err(|e| {
-                Attempt::Failed(Error::io(format!("open {}", self.log_path.display()), e))
-            })?;
-        let log2 = log.try_clone().map_err(|e| {
-            Attempt::Failed(Error::io(format!("dup {}", self.log_path.display()), e))
-        })?;
-        let mut cmd = self.command();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log2))
-            .stderr(Stdio::from(log));
-        let child = cmd.spawn().map_err(|e| {
-            Attempt::Failed(Error::Spawn {
-                program: self.backend.program(),
-                source: e,
-            })
-        })?;
+        let child = spawn_logged(self.command(), &self.log_path).map_err(Attempt::Failed)?;
         self.pid = child.id();
         self.child = Some(child);
         self.wait_ready().await
@@ -408,7 +367,6 @@ impl StoreProcess {
     async fn wait_ready(&mut self) -> Result<(), Attempt> {
         let timeout = self.opts.startup_timeout.unwrap_or(DEFAULT_STARTUP_TIMEOUT);
         let deadline = Instant::now() + timeout;
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.client_port));
         let mut last_error;
         loop {
             if let Some(child) = self.child.as_mut()
@@ -425,15 +383,9 @@ impl StoreProcess {
                     log_tail: tail,
                 }));
             }
-            // A cheap TCP probe first: a gRPC call against a closed port waits out its whole
-            // timeout, which would add seconds to every start.
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                match self.probe().await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => last_error = e,
-                }
-            } else {
-                last_error = format!("connect {addr}: refused");
+            match self.probe().await {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = e,
             }
             if Instant::now() >= deadline {
                 let tail = self.log_tail();
@@ -452,18 +404,8 @@ impl StoreProcess {
     }
 
     async fn probe(&self) -> Result<(), String> {
-        let opts = self
-            .connect_options()
-            .with_connect_timeout(Duration::from_secs(1));
-        let call = async {
-            let mut client = Client::connect([self.endpoint()], Some(opts))
-                .await
-                .map_err(|e| e.to_string())?;
-            client.status().await.map_err(|e| e.to_string())
-        };
-        let status = tokio::time::timeout(Duration::from_secs(3), call)
-            .await
-            .map_err(|_| "Maintenance.Status timed out".to_string())??;
+        let status =
+            probe_status(&self.endpoint(), self.client_port, self.connect_options()).await?;
         if self.backend == Backend::Etcd && status.leader() == 0 {
             return Err("etcd has no leader yet".to_string());
         }
@@ -477,22 +419,103 @@ impl Drop for StoreProcess {
     }
 }
 
-/// Two distinct free loopback ports. The listeners are closed before the store binds, so
+/// `n` distinct free loopback ports. The listeners are closed before the store binds, so
 /// another process may grab a port in between; callers retry on a clash.
-fn free_port_pair() -> Result<(u16, u16), Error> {
-    let bind = || TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind 127.0.0.1:0", e));
-    // Hold both listeners at once so the kernel cannot hand out the same port twice.
-    let a = bind()?;
-    let b = bind()?;
-    let port = |l: &TcpListener| {
-        l.local_addr()
-            .map(|a| a.port())
-            .map_err(|e| Error::io("local_addr", e))
-    };
-    Ok((port(&a)?, port(&b)?))
+pub fn free_ports(n: usize) -> Result<Vec<u16>, Error> {
+    // Hold all listeners at once so the kernel cannot hand out the same port twice.
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind 127.0.0.1:0", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| Error::io("local_addr", e))
+        })
+        .collect()
 }
 
-fn is_port_clash(log: &str) -> bool {
+/// Flags and environment every etcd we start gets, single member or cluster member.
+pub(crate) fn etcd_process_settings(cmd: &mut Command) {
+    cmd.arg("--logger")
+        .arg("zap")
+        .arg("--log-outputs")
+        .arg("stderr");
+    // Settings from the developer's shell must not change the store under test.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ETCD_") {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// Spawns `cmd` with stdin closed and stdout and stderr appended to `log_path` (appended, so
+/// a restart's log follows the crash it recovers from).
+pub(crate) fn spawn_logged(mut cmd: Command, log_path: &Path) -> Result<Child, Error> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| Error::io(format!("open {}", log_path.display()), e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| Error::io(format!("dup {}", log_path.display()), e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(log2))
+        .stderr(Stdio::from(log));
+    cmd.spawn().map_err(|e| Error::Spawn {
+        program: PathBuf::from(cmd.get_program()),
+        source: e,
+    })
+}
+
+/// SIGKILLs the child and reaps it. No-op if there is none.
+pub(crate) fn kill_and_reap(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        // Errors mean it already exited; `wait` reaps it either way.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to `pid` with kill(1); panics if that fails, since a test
+/// that meant to freeze a store and did not would pass for the wrong reason.
+pub(crate) fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// One `Maintenance.Status` call to the store at `endpoint` (client port `port`), bounded so
+/// that a hung or frozen store costs seconds, not forever.
+pub(crate) async fn probe_status(
+    endpoint: &str,
+    port: u16,
+    opts: ConnectOptions,
+) -> Result<StatusResponse, String> {
+    // A cheap TCP probe first: a gRPC call against a closed port waits out its whole
+    // timeout, which would add seconds to every start.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        return Err(format!("connect {addr}: refused"));
+    }
+    let opts = opts.with_connect_timeout(Duration::from_secs(1));
+    let call = async {
+        let mut client = Client::connect([endpoint], Some(opts))
+            .await
+            .map_err(|e| e.to_string())?;
+        client.status().await.map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(3), call)
+        .await
+        .map_err(|_| "Maintenance.Status timed out".to_string())?
+}
+
+pub(crate) fn is_port_clash(log: &str) -> bool {
     log.to_ascii_lowercase().contains("address already in use")
 }
 

@@ -1,14 +1,15 @@
 //! The one task that writes: it serializes every write, commits them in groups with one fsync,
 //! and only then makes them visible to readers and watchers.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use etcd_client::proto::PbEvent;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::RaftHandle;
 use super::mvcc::{KvError, Mvcc, WriteRequest, WriteResponse};
 use super::storage::{Batch, Storage, StorageError};
 
@@ -38,18 +39,72 @@ pub struct Shared {
     visible: AtomicI64,
     feed: broadcast::Sender<Arc<Committed>>,
     storage: Arc<dyn Storage>,
+    /// The last raft entry whose changes are durable and visible (linearizable reads wait
+    /// for it to reach their read index).
+    applied: watch::Sender<u64>,
+    member_id: u64,
+    /// The member raft says leads (0: none known); a single member always leads itself.
+    leader: AtomicU64,
+    /// The raft term and last log index, for `Status`.
+    term: AtomicU64,
+    raft_index: AtomicU64,
 }
 
 impl Shared {
     pub fn new(state: Mvcc, storage: Arc<dyn Storage>) -> Arc<Self> {
         let visible = AtomicI64::new(state.current_revision());
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let meta = state.meta();
         Arc::new(Self {
             state: RwLock::new(state),
             visible,
             feed,
             storage,
+            applied: watch::Sender::new(meta.applied_index),
+            member_id: meta.member_id,
+            leader: AtomicU64::new(meta.member_id),
+            term: AtomicU64::new(1),
+            raft_index: AtomicU64::new(meta.applied_index),
         })
+    }
+
+    pub fn member_id(&self) -> u64 {
+        self.member_id
+    }
+
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Acquire)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == self.member_id
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
+    }
+
+    pub fn raft_index(&self) -> u64 {
+        self.raft_index.load(Ordering::Acquire)
+    }
+
+    /// What raft says now: who leads, in which term, how far the log goes.
+    pub fn set_raft(&self, leader: u64, term: u64, index: u64) {
+        self.leader.store(leader, Ordering::Release);
+        self.term.store(term, Ordering::Release);
+        self.raft_index.store(index, Ordering::Release);
+    }
+
+    /// The last applied raft entry.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until the raft entry at `index` is applied and visible.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut rx = self.applied.subscribe();
+        // The sender lives as long as `self`.
+        let _ = rx.wait_for(|applied| *applied >= index).await;
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, Mvcc> {
@@ -74,9 +129,32 @@ impl Shared {
     }
 }
 
+/// Where the answer to one write goes.
+pub type Reply = oneshot::Sender<Result<WriteResponse, KvError>>;
+
 struct Pending {
-    request: WriteRequest,
-    reply: oneshot::Sender<Result<WriteResponse, KvError>>,
+    /// `None`: a raft entry that changes no key (a leader's first entry, a membership
+    /// change), applied only to advance the applied index in order.
+    request: Option<WriteRequest>,
+    /// The raft index of the entry (0 without raft).
+    index: u64,
+    reply: Option<Reply>,
+}
+
+/// Where writes go: straight to the applier, or through the raft log to every member's.
+#[derive(Clone, Debug)]
+pub enum Writer {
+    Local(Applier),
+    Replicated(Arc<RaftHandle>),
+}
+
+impl Writer {
+    pub async fn submit(&self, request: WriteRequest) -> Result<WriteResponse, KvError> {
+        match self {
+            Writer::Local(applier) => applier.submit(request).await,
+            Writer::Replicated(raft) => raft.submit(request).await,
+        }
+    }
 }
 
 /// How request handlers submit writes.
@@ -99,18 +177,38 @@ impl Applier {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
         let applier = Self { tx };
-        let task = tokio::spawn(run(shared.clone(), rx, cancel.clone()));
-        tokio::spawn(expire_leases(shared, applier.clone(), cancel));
+        let task = tokio::spawn(run(shared, rx, cancel));
         (applier, task)
     }
 
     pub async fn submit(&self, request: WriteRequest) -> Result<WriteResponse, KvError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Pending { request, reply })
+            .send(Pending {
+                request: Some(request),
+                index: 0,
+                reply: Some(reply),
+            })
             .await
             .map_err(|_| KvError::Stopped)?;
         rx.await.map_err(|_| KvError::Stopped)?
+    }
+
+    /// Hands over a committed raft entry, in log order, from the raft thread (not async: it
+    /// waits when the applier is full, which holds raft back rather than dropping entries).
+    pub fn apply_committed(
+        &self,
+        index: u64,
+        request: Option<WriteRequest>,
+        reply: Option<Reply>,
+    ) -> Result<(), KvError> {
+        self.tx
+            .blocking_send(Pending {
+                request,
+                index,
+                reply,
+            })
+            .map_err(|_| KvError::Stopped)
     }
 }
 
@@ -152,7 +250,8 @@ struct Staged {
     batch: Batch,
     events: Vec<PbEvent>,
     revision: i64,
-    replies: Vec<(Pending, Result<WriteResponse, KvError>)>,
+    applied: u64,
+    replies: Vec<(Reply, Result<WriteResponse, KvError>)>,
 }
 
 impl Staged {
@@ -161,6 +260,7 @@ impl Staged {
         self.batch.append(later.batch);
         self.events.extend(later.events);
         self.revision = later.revision;
+        self.applied = later.applied;
         self.replies.extend(later.replies);
     }
 }
@@ -169,18 +269,25 @@ fn stage(shared: &Shared, group: Vec<Pending>) -> Staged {
     let mut batch = Batch::default();
     let mut events = Vec::new();
     let mut state = shared.write();
-    let replies = group
-        .into_iter()
-        .map(|pending| {
-            let result = state.apply(&pending.request, &mut batch, &mut events);
-            (pending, result)
-        })
-        .collect();
+    let mut replies = Vec::with_capacity(group.len());
+    for pending in group {
+        let result = pending
+            .request
+            .as_ref()
+            .map(|request| state.apply(request, &mut batch, &mut events));
+        if pending.index > 0 {
+            state.set_applied(pending.index);
+        }
+        if let (Some(reply), Some(result)) = (pending.reply, result) {
+            replies.push((reply, result));
+        }
+    }
     batch.meta = Some(state.meta());
     Staged {
         batch,
         events,
         revision: state.current_revision(),
+        applied: state.meta().applied_index,
         replies,
     }
 }
@@ -200,8 +307,8 @@ async fn commit_loop(
             cancel.cancel();
             staged.close();
             while let Some(group) = staged.recv().await {
-                for (pending, _) in group.replies {
-                    let _ = pending.reply.send(Err(KvError::Stopped));
+                for (reply, _) in group.replies {
+                    let _ = reply.send(Err(KvError::Stopped));
                 }
             }
             return;
@@ -214,6 +321,7 @@ async fn commit(shared: &Shared, group: Staged) -> Result<(), StorageError> {
         batch,
         events,
         revision,
+        applied,
         replies,
     } = group;
     let storage = shared.storage.clone();
@@ -224,34 +332,44 @@ async fn commit(shared: &Shared, group: Staged) -> Result<(), StorageError> {
     match committed {
         Ok(()) => {
             shared.visible.store(revision, Ordering::Release);
+            shared.applied.send_if_modified(|current| {
+                let advanced = applied > *current;
+                *current = (*current).max(applied);
+                advanced
+            });
             if !events.is_empty() {
                 // No receivers is fine: nobody is watching.
                 let _ = shared.feed.send(Arc::new(Committed { revision, events }));
             }
-            for (pending, result) in replies {
-                let _ = pending.reply.send(result);
+            for (reply, result) in replies {
+                let _ = reply.send(result);
             }
             Ok(())
         }
         Err(error) => {
-            for (pending, _) in replies {
-                let _ = pending.reply.send(Err(KvError::Stopped));
+            for (reply, _) in replies {
+                let _ = reply.send(Err(KvError::Stopped));
             }
             Err(error)
         }
     }
 }
 
-async fn expire_leases(shared: Arc<Shared>, applier: Applier, cancel: CancellationToken) {
+/// Revokes expired leases through `writer` (the log, with raft). Only the leader expires
+/// leases: keepalives reach only it, so only its clocks are right.
+pub async fn expire_leases(shared: Arc<Shared>, writer: Writer, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(LEASE_CHECK);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if !shared.is_leader() {
+            continue;
+        }
         let expired = shared.write().take_expired(Instant::now());
         for id in expired {
-            match applier.submit(WriteRequest::LeaseRevoke(id)).await {
+            match writer.submit(WriteRequest::LeaseRevoke(id)).await {
                 Ok(_) => tracing::debug!(lease = id, "lease expired and was revoked"),
                 Err(KvError::LeaseNotFound) => {}
                 Err(error) => {

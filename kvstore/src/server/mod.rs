@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod applier;
+pub mod cluster;
 pub mod mvcc;
 pub mod service;
 pub mod storage;
@@ -30,7 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use self::applier::{Applier, Shared};
+use self::applier::{Applier, Shared, Writer};
 use self::mvcc::Mvcc;
 use self::service::Services;
 use self::storage::{SledStorage, Storage, StorageError};
@@ -63,6 +64,9 @@ pub struct ServerConfig {
     /// The URLs clients reach this member at, in `MemberList` (etcd's
     /// `--advertise-client-urls`); empty: the listen address, with the scheme TLS implies.
     pub advertise_client_urls: Vec<String>,
+    /// Replication: this member's place in a cluster (`--initial-cluster` etc.); `None` runs
+    /// a single member without raft.
+    pub cluster: Option<Arc<cluster::ClusterConfig>>,
 }
 
 impl ServerConfig {
@@ -77,6 +81,7 @@ impl ServerConfig {
             access: None,
             name: "default".to_owned(),
             advertise_client_urls: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -107,6 +112,15 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// This member's cluster description cannot work.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterConfigError),
+    /// Raft could not start.
+    #[error(transparent)]
+    Raft(#[from] cluster::node::NodeError),
+    /// The transport between members could not start.
+    #[error(transparent)]
+    Peers(#[from] cluster::transport::TransportError),
     /// A server task panicked or was aborted.
     #[error("server task: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -151,7 +165,10 @@ impl Server {
             source,
         })?;
         let records = loaded.records.len();
-        let state = Mvcc::open(storage.clone(), loaded);
+        let mut state = Mvcc::open(storage.clone(), loaded);
+        if let Some(cluster) = &config.cluster {
+            state.set_identity(cluster.cluster_id, cluster.id);
+        }
         tracing::info!(
             data_dir = %config.data_dir.display(),
             records,
@@ -177,11 +194,31 @@ impl Server {
         } else {
             config.advertise_client_urls.clone()
         };
+        let (writer, raft_thread) = match &config.cluster {
+            None => (Writer::Local(applier), None),
+            Some(cluster) => {
+                let (raft, thread) = start_raft(
+                    cluster.clone(),
+                    &config,
+                    &client_urls,
+                    shared.clone(),
+                    applier,
+                    &cancel,
+                )
+                .await?;
+                (Writer::Replicated(raft), Some(thread))
+            }
+        };
+        tokio::spawn(applier::expire_leases(
+            shared.clone(),
+            writer.clone(),
+            cancel.clone(),
+        ));
         let services = Services {
             name: config.name.clone(),
             client_urls,
             shared,
-            applier,
+            writer,
             max_request_bytes: config.max_request_bytes,
             progress_interval: config.progress_interval,
             cancel: cancel.clone(),
@@ -243,6 +280,10 @@ impl Server {
                 }
             };
             serve_cancel.cancel();
+            if let Some(thread) = raft_thread {
+                // The raft thread sees the token within one tick.
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
             applier_task.await?;
             result
         });
@@ -270,6 +311,54 @@ impl Server {
     }
 }
 
+/// Opens raft's log, starts the peer transport and service and raft's thread.
+async fn start_raft(
+    cluster: Arc<cluster::ClusterConfig>,
+    config: &ServerConfig,
+    client_urls: &[String],
+    shared: Arc<Shared>,
+    applier: Applier,
+    cancel: &CancellationToken,
+) -> Result<(Arc<cluster::RaftHandle>, std::thread::JoinHandle<()>), ServerError> {
+    let dir = config.data_dir.clone();
+    let log = tokio::task::spawn_blocking(move || cluster::log::RaftLog::open(&dir))
+        .await?
+        .map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    if cluster.initial_state == cluster::InitialState::Existing && !log.initialized() {
+        return Err(cluster::ClusterConfigError::JoinUnsupported.into());
+    }
+    let (tx, rx) = cluster::node::channel();
+    let outbox = cluster::transport::Outbox::start(&cluster, tx.clone(), cancel)?;
+    cluster::transport::serve(
+        cluster.clone(),
+        tx.clone(),
+        shared.clone(),
+        config.name.clone(),
+        client_urls.to_vec(),
+        cancel.clone(),
+    )
+    .await?;
+    tracing::info!(
+        member = format_args!("{:x}", cluster.id),
+        cluster = format_args!("{:x}", cluster.cluster_id),
+        members = cluster.members.len(),
+        peers = %cluster.listen_peer,
+        "starting raft"
+    );
+    let parts = cluster::node::Parts {
+        config: cluster,
+        log,
+        shared,
+        applier,
+        outbox,
+        channel: (tx, rx),
+    };
+    Ok(cluster::node::start(parts, cancel.clone())?)
+}
+
 /// gRPC (and so etcd) reports a request above the receive limit as `RESOURCE_EXHAUSTED`;
 /// tonic says `OUT_OF_RANGE`, which clients would read as a revision error.
 fn oversized_is_resource_exhausted(
@@ -291,7 +380,7 @@ fn oversized_is_resource_exhausted(
     response
 }
 
-fn plain_accept_loop(
+pub(crate) fn plain_accept_loop(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> mpsc::Receiver<Result<TcpStream, std::io::Error>> {

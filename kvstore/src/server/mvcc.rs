@@ -83,6 +83,16 @@ pub enum KvError {
     /// A request larger than the configured limit.
     #[error("etcdserver: request is too large")]
     RequestTooLarge,
+    /// No raft leader is known, so the request cannot be ordered (yet).
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// The request was not committed (or the read not confirmed) in time; a write may
+    /// still be applied later.
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    /// A replicated entry that does not decode (every member refuses it alike).
+    #[error("etcdserver: malformed replicated request: {0}")]
+    Malformed(String),
     /// The server is shutting down and no longer applies writes.
     #[error("etcdserver: server stopped")]
     Stopped,
@@ -251,6 +261,8 @@ pub struct Mvcc {
     index: BTreeMap<Vec<u8>, KeyIndex>,
     meta: Meta,
     leases: HashMap<i64, Lease>,
+    /// The raft term stamped on response headers (1 for a single member).
+    raft_term: u64,
 }
 
 impl Mvcc {
@@ -261,6 +273,7 @@ impl Mvcc {
             member_id: rand::random::<u64>() | 1,
             current_revision: 1,
             compact_revision: 0,
+            applied_index: 0,
         });
         let now = Instant::now();
         let mut leases: HashMap<i64, Lease> = loaded
@@ -304,6 +317,31 @@ impl Mvcc {
             index,
             meta,
             leases,
+            raft_term: 1,
+        }
+    }
+
+    /// A member of a replicated store answers with the ids its cluster derived, not random ones.
+    pub fn set_identity(&mut self, cluster_id: u64, member_id: u64) {
+        self.meta.cluster_id = cluster_id;
+        self.meta.member_id = member_id;
+    }
+
+    /// Records that the raft entry at `index` has been applied (stored with its changes).
+    pub fn set_applied(&mut self, index: u64) {
+        self.meta.applied_index = index;
+    }
+
+    pub fn set_raft_term(&mut self, term: u64) {
+        self.raft_term = term;
+    }
+
+    /// A new leader restarts every lease's clock before it expires any: it cannot know when
+    /// the old leader last saw a keepalive.
+    pub fn refresh_leases(&mut self, now: Instant) {
+        for lease in self.leases.values_mut() {
+            lease.deadline = now + Duration::from_secs(lease.ttl as u64);
+            lease.expiring = false;
         }
     }
 
@@ -324,7 +362,7 @@ impl Mvcc {
             cluster_id: self.meta.cluster_id,
             member_id: self.meta.member_id,
             revision,
-            raft_term: 1,
+            raft_term: self.raft_term,
         }
     }
 

@@ -18,7 +18,8 @@ use certs::ClusterName;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use super::access::Role;
-use super::applier::{Applier, Shared};
+use super::applier::{Shared, Writer};
+use super::cluster::RaftHandle;
 use super::mvcc::{KeyRange, KvError, WriteRequest, WriteResponse, check_txn, txn_writes};
 use super::storage::{Revision, Storage, StorageError};
 
@@ -26,7 +27,7 @@ use super::storage::{Revision, Storage, StorageError};
 #[derive(Clone, Debug)]
 pub struct Services {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) applier: Applier,
+    pub(crate) writer: Writer,
     pub(crate) max_request_bytes: usize,
     pub(crate) progress_interval: Duration,
     pub(crate) cancel: CancellationToken,
@@ -90,7 +91,10 @@ impl From<KvError> for Status {
             }
             KvError::LeaseNotFound => Status::not_found(message),
             KvError::LeaseExists => Status::failed_precondition(message),
-            KvError::Stopped | KvError::Storage(_) => Status::unavailable(message),
+            KvError::Stopped | KvError::Storage(_) | KvError::NoLeader | KvError::Timeout => {
+                Status::unavailable(message)
+            }
+            KvError::Malformed(_) => Status::internal(message),
         }
     }
 }
@@ -121,7 +125,23 @@ impl Services {
     }
 
     async fn write(&self, request: WriteRequest) -> Result<WriteResponse, Status> {
-        Ok(self.applier.submit(request).await?)
+        Ok(self.writer.submit(request).await?)
+    }
+
+    fn raft(&self) -> Option<&Arc<RaftHandle>> {
+        match &self.writer {
+            Writer::Replicated(raft) => Some(raft),
+            Writer::Local(_) => None,
+        }
+    }
+
+    /// Makes the next read linearizable: on a replicated store, waits until this member has
+    /// applied everything committed before the request (a single member always has).
+    async fn linearize(&self) -> Result<(), Status> {
+        match self.raft() {
+            Some(raft) => Ok(raft.read_barrier().await?),
+            None => Ok(()),
+        }
     }
 
     fn header(&self) -> PbResponseHeader {
@@ -192,6 +212,9 @@ impl PbKvService for Services {
         let role = self.role(&request);
         let request = request.into_inner();
         require(role.can_read(&KeyRange::new(&request.key, &request.range_end)))?;
+        if !request.serializable {
+            self.linearize().await?;
+        }
         let visible = self.shared.visible();
         Ok(Response::new(self.shared.read().range(&request, visible)?))
     }
@@ -228,6 +251,7 @@ impl PbKvService for Services {
         self.check_size(&request)?;
         if !txn_writes(&request) {
             check_txn(&request)?;
+            self.linearize().await?;
             let visible = self.shared.visible();
             return Ok(Response::new(
                 self.shared.read().read_txn(&request, visible)?,
@@ -319,6 +343,7 @@ impl PbLeaseService for Services {
         require(self.role(&request).is_admin())?;
         let mut requests = request.into_inner();
         let shared = self.shared.clone();
+        let raft = self.raft().cloned();
         let cancel = self.cancel.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -329,7 +354,22 @@ impl PbLeaseService for Services {
                 };
                 let Some(Ok(request)) = next else { return };
                 // An unknown lease is answered with TTL 0, as etcd does, not with an error.
-                let ttl = shared.write().lease_keep_alive(request.id).unwrap_or(0);
+                let ttl = match &raft {
+                    Some(raft) if !shared.is_leader() => {
+                        match raft
+                            .outbox()
+                            .lease(shared.leader(), request.id, true, false)
+                            .await
+                        {
+                            Ok(reply) => reply.ttl.max(0),
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        }
+                    }
+                    _ => shared.write().lease_keep_alive(request.id).unwrap_or(0),
+                };
                 let response = PbLeaseKeepAliveResponse {
                     header: Some(shared.read().header(shared.visible())),
                     id: request.id,
@@ -349,7 +389,21 @@ impl PbLeaseService for Services {
     ) -> Result<Response<PbLeaseTimeToLiveResponse>, Status> {
         require(self.role(&request).is_admin())?;
         let request = request.into_inner();
-        let ttl = self.shared.read().lease_ttl(request.id, request.keys);
+        let ttl = match self.raft() {
+            // Only the leader's clocks are right.
+            Some(raft) if !self.shared.is_leader() => {
+                let reply = raft
+                    .outbox()
+                    .lease(self.shared.leader(), request.id, false, request.keys)
+                    .await?;
+                reply.found.then_some(super::mvcc::LeaseTtl {
+                    remaining: reply.ttl,
+                    granted: reply.granted_ttl,
+                    keys: reply.keys,
+                })
+            }
+            _ => self.shared.read().lease_ttl(request.id, request.keys),
+        };
         let response = match ttl {
             Some(ttl) => PbLeaseTimeToLiveResponse {
                 header: Some(self.header()),
@@ -419,14 +473,26 @@ impl PbMaintenanceService for Services {
         require(self.role(&request).is_known())?;
         let header = self.header();
         let db_size = self.shared.storage().size_on_disk() as i64;
+        let (leader, raft_index, raft_applied_index) = match self.raft() {
+            Some(raft) => {
+                let status = raft.status();
+                (status.leader, status.index, self.shared.applied())
+            }
+            // Without raft, every write is one "entry": the revision counts them.
+            None => (
+                header.member_id,
+                header.revision as u64,
+                header.revision as u64,
+            ),
+        };
         Ok(Response::new(PbStatusResponse {
             version: self.version.to_string(),
             db_size,
             db_size_in_use: db_size,
-            leader: header.member_id,
-            raft_index: header.revision as u64,
+            leader,
+            raft_index,
             raft_term: header.raft_term,
-            raft_applied_index: header.revision as u64,
+            raft_applied_index,
             header: Some(header),
             ..PbStatusResponse::default()
         }))
@@ -509,8 +575,9 @@ impl PbMaintenanceService for Services {
     }
 }
 
-/// One member until the store is replicated: `MemberList` answers with it, so `etcdctl member
-/// list` and `endpoint status --cluster` work; changing membership is refused, saying why.
+/// `MemberList` answers with every member `--initial-cluster` named (or this one alone), so
+/// `etcdctl member list` and `endpoint status --cluster` work; changing membership is refused,
+/// saying why.
 #[tonic::async_trait]
 impl PbClusterService for Services {
     async fn member_add(
@@ -540,14 +607,46 @@ impl PbClusterService for Services {
     ) -> Result<Response<PbMemberListResponse>, Status> {
         require(self.role(&request).is_known())?;
         let header = self.header();
+        let Some(raft) = self.raft() else {
+            return Ok(Response::new(PbMemberListResponse {
+                members: vec![PbMember {
+                    id: header.member_id,
+                    name: self.name.clone(),
+                    peer_ur_ls: Vec::new(),
+                    client_ur_ls: self.client_urls.clone(),
+                    is_learner: false,
+                }],
+                header: Some(header),
+            }));
+        };
+        // Other members describe themselves; one that does not answer is listed as etcd
+        // lists a member that has not started: no name, no client URLs.
+        let members = raft.config().members.clone();
+        let described = futures::future::join_all(members.iter().map(|m| async move {
+            if m.id == header.member_id {
+                Some((self.name.clone(), self.client_urls.clone()))
+            } else {
+                let info = raft.outbox().describe(m.id).await?;
+                Some((info.name, info.client_urls))
+            }
+        }))
+        .await;
+        let members = members
+            .into_iter()
+            .zip(described)
+            .map(|(member, described)| {
+                let (name, client_urls) = described.unwrap_or_default();
+                PbMember {
+                    id: member.id,
+                    name,
+                    peer_ur_ls: member.peer_urls,
+                    client_ur_ls: client_urls,
+                    is_learner: false,
+                }
+            })
+            .collect();
         Ok(Response::new(PbMemberListResponse {
-            members: vec![PbMember {
-                id: header.member_id,
-                name: self.name.clone(),
-                peer_ur_ls: Vec::new(),
-                client_ur_ls: self.client_urls.clone(),
-                is_learner: false,
-            }],
+            members,
             header: Some(header),
         }))
     }
@@ -562,6 +661,6 @@ impl PbClusterService for Services {
 
 fn single_member<T>(what: &str) -> Result<Response<T>, Status> {
     Err(Status::failed_precondition(format!(
-        "{what}: this store runs as a single member (replication is not built yet)"
+        "{what}: membership changes are not supported; members are fixed by --initial-cluster"
     )))
 }

@@ -115,6 +115,9 @@ pub struct Meta {
     /// The newest revision; kept explicitly because compaction may remove its record.
     pub current_revision: i64,
     pub compact_revision: i64,
+    /// The last raft log entry applied (0 for a single member without raft): stored with the
+    /// changes it made, so a restart replays exactly the entries after it.
+    pub applied_index: u64,
 }
 
 /// Everything one applied batch changes, made durable at once.
@@ -350,17 +353,20 @@ fn apply(db: &sled::Db, batch: Batch) -> Result<(), StorageError> {
 }
 
 fn encode_meta(meta: &Meta) -> Vec<u8> {
-    let mut out = Vec::with_capacity(33);
-    out.push(1);
+    let mut out = Vec::with_capacity(41);
+    out.push(2);
     out.extend_from_slice(&meta.cluster_id.to_be_bytes());
     out.extend_from_slice(&meta.member_id.to_be_bytes());
     out.extend_from_slice(&meta.current_revision.to_be_bytes());
     out.extend_from_slice(&meta.compact_revision.to_be_bytes());
+    out.extend_from_slice(&meta.applied_index.to_be_bytes());
     out
 }
 
 fn decode_meta(bytes: &[u8]) -> Result<Meta, StorageError> {
-    if bytes.len() != 33 || bytes[0] != 1 {
+    // Format 1 predates replication: no applied index.
+    let known = matches!((bytes.len(), bytes.first()), (33, Some(1)) | (41, Some(2)));
+    if !known {
         return Err(StorageError::Corrupt {
             what: "store metadata",
             detail: format!("{} bytes, format {:?}", bytes.len(), bytes.first()),
@@ -372,6 +378,7 @@ fn decode_meta(bytes: &[u8]) -> Result<Meta, StorageError> {
         member_id: word(9),
         current_revision: word(17) as i64,
         compact_revision: word(25) as i64,
+        applied_index: if bytes.len() == 41 { word(33) } else { 0 },
     })
 }
 
@@ -455,7 +462,8 @@ fn decode_batch(bytes: &[u8]) -> Result<Batch, StorageError> {
     }
     batch.meta = match r.bytes.first() {
         Some(0) | None => None,
-        Some(_) => Some(decode_meta(r.take(33)?)?),
+        Some(1) => Some(decode_meta(r.take(33)?)?),
+        Some(_) => Some(decode_meta(r.take(41)?)?),
     };
     Ok(batch)
 }
@@ -585,6 +593,7 @@ mod tests {
                 member_id: 2,
                 current_revision: 4,
                 compact_revision: 2,
+                applied_index: 7,
             }),
         };
         let bytes = encode_batch(&batch);
@@ -594,7 +603,7 @@ mod tests {
         assert_eq!(back.leases_granted, batch.leases_granted);
         assert_eq!(back.leases_revoked, batch.leases_revoked);
         assert_eq!(back.meta, batch.meta);
-        for cut in 0..bytes.len() - 33 {
+        for cut in 0..bytes.len() - 41 {
             assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {cut}");
         }
     }
@@ -685,6 +694,7 @@ mod tests {
                     member_id: 2,
                     current_revision: 3,
                     compact_revision: 0,
+                    applied_index: 0,
                 }),
                 ..Batch::default()
             })

@@ -88,6 +88,11 @@ impl Wal {
         self.next_seq
     }
 
+    /// Where the next frame goes: the bytes of frames written since the last wrap.
+    pub fn end(&self) -> u64 {
+        self.offset
+    }
+
     /// Whether appending `payload_len` bytes needs a checkpoint and a wrap first.
     pub fn must_wrap(&self, payload_len: usize) -> bool {
         self.offset > 0 && self.offset + (FRAME_HEADER + payload_len) as u64 > WRAP_AT

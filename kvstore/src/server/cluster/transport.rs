@@ -1,0 +1,416 @@
+//! Raft messages between members, over our own gRPC service (`proto/peer.proto`).
+//!
+//! Each peer has one sender task that drains its queue into one `Send` call at a time (raft
+//! tolerates lost messages, so a full queue drops rather than blocks raft's thread). Every
+//! call names the cluster: a member of another cluster is refused with a clear error and
+//! nothing of what it sent reaches raft.
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto::peer::peer_client::PeerClient;
+use proto::peer::peer_server::{Peer, PeerServer};
+use proto::peer::{DescribeRequest, LeaseCall, LeaseReply, MemberInfo, MessageBatch, SendReply};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::ClusterConfig;
+use super::node::Command;
+use crate::server::applier::Shared;
+use crate::server::tls::{self, TlsError, TlsFiles};
+
+/// Messages queued per peer before new ones are dropped (raft sends them again).
+const QUEUE: usize = 4096;
+/// Messages sent in one call.
+const MAX_BATCH: usize = 256;
+/// A call not answered by then counts as a failure (the peer is down or partitioned).
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Refusals of a foreign peer are logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// Errors setting up the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The peer TLS material does not load.
+    #[error("peer TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// A peer URL tonic cannot use.
+    #[error("peer URL {url}: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The peer port could not be bound.
+    #[error("listen for peers on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A peer file could not be read.
+    #[error("{path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where raft's outgoing messages go; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    queues: Arc<HashMap<u64, mpsc::Sender<Message>>>,
+    clients: Arc<HashMap<u64, PeerClient<Channel>>>,
+    cluster_id: u64,
+}
+
+impl Outbox {
+    /// Starts one sender task per peer; connections are made when first used.
+    pub fn start(
+        config: &ClusterConfig,
+        node: std_mpsc::Sender<Command>,
+        cancel: &CancellationToken,
+    ) -> Result<Self, TransportError> {
+        let tls = config.peer_tls.as_ref().map(client_tls).transpose()?;
+        let mut queues = HashMap::new();
+        let mut clients = HashMap::new();
+        for peer in config.peers() {
+            let url = peer.peer_urls[0].clone();
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|source| TransportError::Url {
+                    url: url.clone(),
+                    source,
+                })?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(2));
+            if let Some(tls) = &tls {
+                endpoint =
+                    endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|source| TransportError::Url {
+                            url: url.clone(),
+                            source,
+                        })?;
+            }
+            let client = PeerClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let span =
+                tracing::info_span!("peer", name = %peer.name, id = format_args!("{:x}", peer.id));
+            tokio::spawn(
+                send_loop(
+                    Target {
+                        id: peer.id,
+                        from: config.id,
+                        cluster_id: config.cluster_id,
+                    },
+                    client.clone(),
+                    rx,
+                    node.clone(),
+                    cancel.clone(),
+                )
+                .instrument(span),
+            );
+            queues.insert(peer.id, tx);
+            clients.insert(peer.id, client);
+        }
+        Ok(Self {
+            queues: Arc::new(queues),
+            clients: Arc::new(clients),
+            cluster_id: config.cluster_id,
+        })
+    }
+
+    /// Queues raft's messages for their members.
+    pub fn send(&self, messages: Vec<Message>) {
+        for message in messages {
+            if let Some(queue) = self.queues.get(&message.to) {
+                // Full: the peer is far behind or gone; raft resends what matters.
+                let _ = queue.try_send(message);
+            }
+        }
+    }
+
+    /// A lease call answered by `leader`.
+    pub async fn lease(
+        &self,
+        leader: u64,
+        id: i64,
+        keep_alive: bool,
+        keys: bool,
+    ) -> Result<LeaseReply, Status> {
+        let mut client = self
+            .clients
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let call = LeaseCall {
+            cluster_id: self.cluster_id,
+            id,
+            keep_alive,
+            keys,
+        };
+        tokio::time::timeout(SEND_TIMEOUT, client.lease(call))
+            .await
+            .map_err(|_| Status::unavailable("etcdserver: request timed out"))?
+            .map(Response::into_inner)
+    }
+
+    /// What another member says of itself, if it answers soon.
+    pub async fn describe(&self, member: u64) -> Option<MemberInfo> {
+        let mut client = self.clients.get(&member).cloned()?;
+        let request = DescribeRequest {
+            cluster_id: self.cluster_id,
+        };
+        tokio::time::timeout(Duration::from_secs(1), client.describe(request))
+            .await
+            .ok()?
+            .ok()
+            .map(Response::into_inner)
+    }
+}
+
+fn client_tls(files: &TlsFiles) -> Result<ClientTlsConfig, TransportError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| TransportError::File {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let mut config =
+        ClientTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}
+
+struct Target {
+    id: u64,
+    from: u64,
+    cluster_id: u64,
+}
+
+async fn send_loop(
+    target: Target,
+    mut client: PeerClient<Channel>,
+    mut rx: mpsc::Receiver<Message>,
+    node: std_mpsc::Sender<Command>,
+    cancel: CancellationToken,
+) {
+    let mut failing = false;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            () = cancel.cancelled() => return,
+            next = rx.recv() => match next {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
+        let request = MessageBatch {
+            cluster_id: target.cluster_id,
+            from: target.from,
+            to: target.id,
+            messages: batch
+                .drain(..)
+                .map(|m| m.write_to_bytes().unwrap_or_default())
+                .collect(),
+        };
+        let outcome = tokio::time::timeout(SEND_TIMEOUT, client.send(request)).await;
+        match outcome {
+            Ok(Ok(_)) => {
+                if failing {
+                    tracing::info!("peer reachable again");
+                    failing = false;
+                }
+            }
+            Ok(Err(status)) => {
+                if !failing {
+                    tracing::warn!(code = ?status.code(), error = status.message(), "sending to peer failed");
+                    failing = true;
+                }
+                let _ = node.send(Command::Unreachable(target.id));
+            }
+            Err(_) => {
+                if !failing {
+                    tracing::warn!("peer does not answer");
+                    failing = true;
+                }
+                let _ = node.send(Command::Unreachable(target.id));
+            }
+        }
+    }
+}
+
+/// The peer service: raft messages in, lease calls for the leader, this member's description.
+#[derive(Debug)]
+pub struct PeerService {
+    config: Arc<ClusterConfig>,
+    node: std_mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    name: String,
+    client_urls: Vec<String>,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl PeerService {
+    fn check_cluster(&self, cluster_id: u64, from: Option<u64>) -> Result<(), Status> {
+        let refusal = if cluster_id != self.config.cluster_id {
+            Some(format!(
+                "cluster ID mismatch: this member belongs to cluster {:x}, the sender to {cluster_id:x}",
+                self.config.cluster_id
+            ))
+        } else {
+            from.filter(|from| self.config.member(*from).is_none())
+                .map(|from| format!("member {from:x} is not in this cluster"))
+        };
+        let Some(refusal) = refusal else {
+            return Ok(());
+        };
+        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            tracing::warn!(%refusal, "refused a peer");
+            *last = Some(Instant::now());
+        }
+        Err(Status::failed_precondition(refusal))
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn send(&self, request: Request<MessageBatch>) -> Result<Response<SendReply>, Status> {
+        let batch = request.into_inner();
+        self.check_cluster(batch.cluster_id, Some(batch.from))?;
+        if batch.to != self.config.id {
+            return Err(Status::failed_precondition(format!(
+                "sent to member {:x}, but this is member {:x}",
+                batch.to, self.config.id
+            )));
+        }
+        for bytes in batch.messages {
+            let message = Message::parse_from_bytes(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
+            if message.from != batch.from {
+                return Err(Status::invalid_argument(format!(
+                    "a message from {:x} in a batch from {:x}",
+                    message.from, batch.from
+                )));
+            }
+            self.node
+                .send(Command::Step(Box::new(message)))
+                .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        }
+        Ok(Response::new(SendReply {}))
+    }
+
+    async fn lease(&self, request: Request<LeaseCall>) -> Result<Response<LeaseReply>, Status> {
+        let call = request.into_inner();
+        self.check_cluster(call.cluster_id, None)?;
+        if !self.shared.is_leader() {
+            return Err(Status::unavailable("etcdserver: not the leader"));
+        }
+        let mut state = self.shared.write();
+        // A keepalive is answered with the granted TTL, as etcd does; TimeToLive with what
+        // is left.
+        let renewed = call
+            .keep_alive
+            .then(|| state.lease_keep_alive(call.id))
+            .flatten();
+        let reply = match state.lease_ttl(call.id, call.keys) {
+            Some(ttl) => LeaseReply {
+                found: true,
+                ttl: renewed.unwrap_or(ttl.remaining),
+                granted_ttl: ttl.granted,
+                keys: ttl.keys,
+            },
+            None => LeaseReply::default(),
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<DescribeRequest>,
+    ) -> Result<Response<MemberInfo>, Status> {
+        self.check_cluster(request.into_inner().cluster_id, None)?;
+        Ok(Response::new(MemberInfo {
+            id: self.config.id,
+            name: self.name.clone(),
+            client_urls: self.client_urls.clone(),
+        }))
+    }
+}
+
+/// Serves the peer service on `--listen-peer-urls` until `cancel` fires.
+pub async fn serve(
+    config: Arc<ClusterConfig>,
+    node: std_mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    name: String,
+    client_urls: Vec<String>,
+    cancel: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, TransportError> {
+    let addr = config.listen_peer;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| TransportError::Bind { addr, source })?;
+    let tls = config
+        .peer_tls
+        .as_ref()
+        .map(|files| files.server_config().map(|c| (files.clone(), c)))
+        .transpose()?;
+    let service = PeerService {
+        config,
+        node,
+        shared,
+        name,
+        client_urls,
+        last_warning: Mutex::new(None),
+    };
+    let router = tonic::transport::Server::builder().add_service(
+        PeerServer::new(service)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX),
+    );
+    Ok(tokio::spawn(async move {
+        let shutdown = cancel.clone().cancelled_owned();
+        let result = match tls {
+            Some((files, server_config)) => {
+                let incoming = tls::accept_loop(listener, files, server_config, cancel.clone());
+                router
+                    .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
+                    .await
+            }
+            None => {
+                let incoming = crate::server::plain_accept_loop(listener, cancel.clone());
+                router
+                    .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
+                    .await
+            }
+        };
+        if let Err(error) = result {
+            tracing::error!(%error, "peer server stopped");
+        }
+    }))
+}

@@ -1,0 +1,343 @@
+//! Three members over raft, ours beside three etcd members with the same flags: replication,
+//! identical revisions and hashes, watches on any member, leases kept by the leader, leader
+//! loss and a member's restart. Then what only our store needs proving: bad cluster
+//! descriptions and a member of another cluster are refused with a clear error while the
+//! running members keep serving.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::embedded_backend;
+use etcd_client::{Client, GetOptions, LeaseGrantOptions, PutOptions, WatchOptions};
+use testkit::Backend;
+use testkit::cluster::StoreCluster;
+
+async fn start(backend: Backend) -> StoreCluster {
+    let name = backend.name();
+    StoreCluster::start(backend, 3)
+        .await
+        .unwrap_or_else(|e| panic!("start a 3-member {name} cluster: {e}"))
+}
+
+/// Who each live member says leads, and the member ids, over `Maintenance.Status`.
+async fn statuses(cluster: &StoreCluster, members: &[usize]) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    for &i in members {
+        let status = cluster.client(i).await.status().await.expect("status");
+        let header = status.header().expect("header");
+        out.push((header.member_id(), status.leader(), status.raft_term()));
+    }
+    out
+}
+
+async fn hash_kv(client: &mut Client, revision: i64) -> u32 {
+    client.hash_kv(revision).await.expect("hash_kv").hash()
+}
+
+async fn replicates_and_survives_leader_loss(backend: Backend) {
+    let mut cluster = start(backend).await;
+
+    // A write on each member; every member reads all of them at the same revisions.
+    let mut revisions = Vec::new();
+    for i in 0..3 {
+        let mut client = cluster.client(i).await;
+        let put = client
+            .put(format!("r/{i}"), format!("from m{i}"), None)
+            .await
+            .unwrap_or_else(|e| panic!("put on m{i}: {e}\n{}", cluster.log_tail(i)));
+        revisions.push(put.header().expect("header").revision());
+    }
+    assert!(
+        revisions.windows(2).all(|w| w[1] == w[0] + 1),
+        "{revisions:?}"
+    );
+    let last = revisions[2];
+    for i in 0..3 {
+        let got = cluster
+            .client(i)
+            .await
+            .get("r/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("linearizable get");
+        assert_eq!(got.header().expect("header").revision(), last, "m{i}");
+        let mods: Vec<i64> = got.kvs().iter().map(|kv| kv.mod_revision()).collect();
+        assert_eq!(mods, revisions, "m{i} holds every write at its revision");
+    }
+
+    // Same history, same hash, on every member (what a corruption check compares).
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        hashes.push(hash_kv(&mut cluster.client(i).await, last).await);
+    }
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+
+    // Every member names the same leader, one of them, and headers carry the raft term.
+    let seen = statuses(&cluster, &[0, 1, 2]).await;
+    let ids: Vec<u64> = seen.iter().map(|s| s.0).collect();
+    assert!(
+        seen.iter().all(|s| s.1 == seen[0].1 && ids.contains(&s.1)),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|s| s.2 >= 1), "{seen:?}");
+    let listed = cluster
+        .client(1)
+        .await
+        .member_list()
+        .await
+        .expect("member list");
+    let mut listed: Vec<(u64, String)> = listed
+        .members()
+        .iter()
+        .map(|m| (m.id(), m.name().to_owned()))
+        .collect();
+    listed.sort();
+    let mut expected: Vec<(u64, String)> = ids
+        .iter()
+        .zip(0..3)
+        .map(|(id, i)| (*id, format!("m{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    // A watch on one member sees writes made through another, in order.
+    let leader = cluster.leader().await.expect("leader");
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let mut watch_client = cluster.client(follower).await;
+    let (mut stream, _) =
+        common::watch_created(&mut watch_client, "w/", WatchOptions::new().with_prefix()).await;
+    let mut writer = cluster.client(other).await;
+    for n in 0..5 {
+        writer.put(format!("w/{n}"), "x", None).await.expect("put");
+    }
+    let seen_keys: Vec<String> = common::events(&mut stream, 5)
+        .await
+        .into_iter()
+        .map(|event| event.1)
+        .collect();
+    let expected: Vec<String> = (0..5).map(|n| format!("w/{n}")).collect();
+    assert_eq!(seen_keys, expected);
+
+    // The leader dies: the others elect one of themselves and go on taking writes.
+    cluster.kill(leader);
+    let new_leader = cluster.leader().await.expect("a new leader");
+    assert_ne!(new_leader, leader);
+    let mut after = 0;
+    for i in (0..3).filter(|&i| i != leader) {
+        let put = cluster
+            .client(i)
+            .await
+            .put("r/after", format!("m{i}"), None)
+            .await
+            .unwrap_or_else(|e| panic!("put on surviving m{i}: {e}\n{}", cluster.log_tail(i)));
+        after = put.header().expect("header").revision();
+    }
+    // The old leader comes back and catches up.
+    cluster.restart(leader).await.expect("restart");
+    let got = cluster
+        .client(leader)
+        .await
+        .get("r/after", None)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "get on the restarted m{leader}: {e}\n{}",
+                cluster.log_tail(leader)
+            )
+        });
+    assert_eq!(got.kvs().first().map(|kv| kv.mod_revision()), Some(after));
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        hashes.push(hash_kv(&mut cluster.client(i).await, after).await);
+    }
+    assert!(
+        hashes.windows(2).all(|w| w[0] == w[1]),
+        "after the restart: {hashes:?}"
+    );
+}
+
+async fn leases_are_kept_by_the_leader(backend: Backend) {
+    let cluster = start(backend).await;
+    let leader = cluster.leader().await.expect("leader");
+    let follower = (leader + 1) % 3;
+    let mut client = cluster.client(follower).await;
+    // Granted, attached and kept alive through a follower: keepalives must reach the leader,
+    // which alone expires leases.
+    let kept = client.lease_grant(2, None).await.expect("grant").id();
+    let dropped = client
+        .lease_grant(2, Some(LeaseGrantOptions::new()))
+        .await
+        .expect("grant")
+        .id();
+    let with_lease = |id| Some(PutOptions::new().with_lease(id));
+    client
+        .put("l/kept", "1", with_lease(kept))
+        .await
+        .expect("put");
+    client
+        .put("l/dropped", "1", with_lease(dropped))
+        .await
+        .expect("put");
+    let (mut keeper, mut responses) = client.lease_keep_alive(kept).await.expect("keepalive");
+    for _ in 0..10 {
+        keeper.keep_alive().await.expect("send keepalive");
+        let answer = responses.message().await.expect("keepalive answer");
+        assert_eq!(answer.map(|a| a.ttl()), Some(2));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // 5 s later: the kept lease lives, the other expired on the leader and its key is gone
+    // on every member.
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        let got = c
+            .get("l/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        let keys: Vec<&[u8]> = got.kvs().iter().map(|kv| kv.key()).collect();
+        assert_eq!(keys, [b"l/kept".as_slice()], "m{i}");
+        let ttl = c.lease_time_to_live(kept, None).await.expect("ttl");
+        assert!((1..=2).contains(&ttl.ttl()), "m{i}: {}", ttl.ttl());
+    }
+}
+
+#[tokio::test]
+async fn etcd_replicates_and_survives_leader_loss() {
+    replicates_and_survives_leader_loss(Backend::Etcd).await;
+}
+
+#[tokio::test]
+async fn embedded_replicates_and_survives_leader_loss() {
+    replicates_and_survives_leader_loss(embedded_backend()).await;
+}
+
+#[tokio::test]
+async fn etcd_leases_are_kept_by_the_leader() {
+    leases_are_kept_by_the_leader(Backend::Etcd).await;
+}
+
+#[tokio::test]
+async fn embedded_leases_are_kept_by_the_leader() {
+    leases_are_kept_by_the_leader(embedded_backend()).await;
+}
+
+/// Runs `kvstore serve` with `args` and returns its exit status and stderr; it must exit
+/// on its own (a refused configuration), not serve.
+fn serve_refused(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", "http://127.0.0.1:0"])
+        .args(args)
+        .output()
+        .expect("run kvstore");
+    assert!(!output.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn inconsistent_cluster_descriptions_are_refused_naming_the_problem() {
+    let two = "a=http://127.0.0.1:1,b=http://127.0.0.1:2";
+    for (args, expected) in [
+        (
+            vec!["--name", "c", "--initial-cluster", two],
+            "no member named \"c\"",
+        ),
+        (
+            vec![
+                "--name",
+                "a",
+                "--initial-cluster",
+                two,
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:9",
+            ],
+            "--initial-advertise-peer-urls says",
+        ),
+        (
+            vec!["--name", "a", "--initial-cluster", "a=http://127.0.0.1:1,b"],
+            "is not name=url",
+        ),
+        (
+            vec![
+                "--name",
+                "a",
+                "--initial-cluster",
+                "a=http://127.0.0.1:1,b=http://127.0.0.1:1",
+            ],
+            "is given to both",
+        ),
+        (
+            vec![
+                "--name",
+                "a",
+                "--initial-cluster",
+                two,
+                "--initial-cluster-state",
+                "existing",
+            ],
+            "joining a running cluster needs MemberAdd",
+        ),
+    ] {
+        let stderr = serve_refused(&args);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+/// A member whose cluster token differs (another cluster that names one of our peer URLs)
+/// talks to our member: every message is refused, saying why, and our cluster goes on.
+#[tokio::test]
+async fn a_member_of_another_cluster_is_refused_and_the_cluster_keeps_serving() {
+    let cluster = start(embedded_backend()).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let ports = testkit::free_ports(2).expect("ports");
+    let own = format!("http://127.0.0.1:{}", ports[1]);
+    let initial = format!("x={own},y={}", cluster.member(0).peer_url());
+    let log = std::fs::File::create(work.path().join("x.log")).expect("log");
+    let mut foreign = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(work.path().join("x"))
+        .args(["--name", "x", "--initial-cluster-token", "elsewhere"])
+        .arg("--initial-cluster")
+        .arg(&initial)
+        .arg("--listen-client-urls")
+        .arg(format!("http://127.0.0.1:{}", ports[0]))
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start the foreign member");
+    // Its pre-votes go to our m0 for a few election timeouts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let ours = std::fs::read_to_string(cluster.member(0).log_path()).unwrap_or_default();
+        let theirs = std::fs::read_to_string(work.path().join("x.log")).unwrap_or_default();
+        if ours.contains("cluster ID mismatch") && theirs.contains("cluster ID mismatch") {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+    assert!(
+        refused,
+        "both sides should say why: ours:\n{}\ntheirs:\n{}",
+        cluster.log_tail(0),
+        std::fs::read_to_string(work.path().join("x.log")).unwrap_or_default()
+    );
+    let mut client = cluster.client(0).await;
+    client.put("still", "serving", None).await.expect("put");
+    let leader = cluster
+        .leader()
+        .await
+        .expect("our cluster still has its leader");
+    let seen = statuses(&cluster, &[0, 1, 2]).await;
+    assert!(seen.iter().all(|s| s.1 == seen[leader].0), "{seen:?}");
+}
