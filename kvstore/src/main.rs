@@ -65,6 +65,10 @@ struct ServeArgs {
     /// talk to each other.
     #[arg(long, default_value = kvstore::server::cluster::DEFAULT_CLUSTER_TOKEN)]
     initial_cluster_token: String,
+    /// Applied entries beyond the start of raft's log before it is compacted (etcd's
+    /// --snapshot-count); a member further behind is sent a snapshot of the store.
+    #[arg(long, default_value_t = kvstore::server::cluster::DEFAULT_SNAPSHOT_COUNT, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_count: u64,
     /// Certificate (PEM) this member presents to other members; peer URLs must be https.
     #[arg(long, requires_all = ["peer_key", "peer_cacert", "initial_cluster"])]
     peer_cert: Option<PathBuf>,
@@ -239,7 +243,7 @@ impl ServeArgs {
         } else {
             InitialState::New
         };
-        Ok(Some(Arc::new(ClusterConfig::new(
+        let mut config = ClusterConfig::new(
             &self.name,
             members,
             &self.initial_advertise_peer_urls,
@@ -247,7 +251,9 @@ impl ServeArgs {
             state,
             listen_peer,
             peer_tls,
-        )?)))
+        )?;
+        config.snapshot_count = self.snapshot_count;
+        Ok(Some(Arc::new(config)))
     }
 }
 

@@ -341,3 +341,103 @@ async fn a_member_of_another_cluster_is_refused_and_the_cluster_keeps_serving() 
     let seen = statuses(&cluster, &[0, 1, 2]).await;
     assert!(seen.iter().all(|s| s.1 == seen[leader].0), "{seen:?}");
 }
+
+/// Writes `n` keys under `prefix` through `client`, deleting every fifth, and returns the
+/// revision of the last write.
+async fn churn(client: &mut Client, prefix: &str, n: usize) -> i64 {
+    let mut last = 0;
+    for k in 0..n {
+        let put = client
+            .put(format!("{prefix}{k}"), format!("v{k}"), None)
+            .await
+            .expect("put");
+        last = put.header().expect("header").revision();
+        if k % 5 == 4 {
+            let del = client
+                .delete(format!("{prefix}{}", k - 2), None)
+                .await
+                .expect("delete");
+            last = del.header().expect("header").revision();
+        }
+    }
+    last
+}
+
+/// A member that missed more than the log keeps is sent a snapshot of the store: frozen with
+/// a watch open, it comes back with the same state and hash as the others, and its watch
+/// delivers every revision it missed, in order, once; after a restart, a watch from before
+/// the snapshot replays the history the snapshot carried.
+#[tokio::test]
+async fn a_member_behind_the_log_catches_up_by_snapshot_and_its_watches_miss_nothing() {
+    let cluster = StoreCluster::start_with_args(
+        embedded_backend(),
+        3,
+        vec!["--snapshot-count".into(), "20".into()],
+    )
+    .await
+    .expect("start");
+    let leader = cluster.leader().await.expect("leader");
+    let behind = (leader + 1) % 3;
+    let mut writer = cluster.client(leader).await;
+    let start = churn(&mut writer, "s/", 5).await;
+    let mut lagging = cluster.client(behind).await;
+    let (mut stream, _) = common::watch_created(
+        &mut lagging,
+        "s/",
+        WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start + 1),
+    )
+    .await;
+
+    // Frozen long enough for the leader to give up on what it had sent and probe again, while
+    // its log moves on past what the member holds.
+    cluster.freeze(behind);
+    churn(&mut writer, "s/", 20).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let last = churn(&mut writer, "s/", 150).await;
+    cluster.thaw(behind);
+
+    // Every revision after `start`, once and in order, across the snapshot's install.
+    let events = common::events(&mut stream, (last - start) as usize).await;
+    let revisions: Vec<i64> = events.iter().map(|e| e.3).collect();
+    let expected: Vec<i64> = (start + 1..=last).collect();
+    assert_eq!(revisions, expected, "{}", cluster.log_tail(behind));
+    let log = std::fs::read_to_string(cluster.member(behind).log_path()).unwrap_or_default();
+    assert!(
+        log.contains("installing a snapshot from the leader"),
+        "the member should have caught up by snapshot:\n{}",
+        cluster.log_tail(behind)
+    );
+
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        hashes.push(hash_kv(&mut cluster.client(i).await, last).await);
+    }
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+
+    // It goes on following the log, and a restart keeps what the snapshot brought.
+    let after = churn(&mut writer, "t/", 5).await;
+    let mut cluster = cluster;
+    cluster.restart(behind).await.expect("restart");
+    let mut back = cluster.client(behind).await;
+    let got = back
+        .get("t/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("get");
+    assert_eq!(got.header().expect("header").revision(), after);
+    let (mut replay, _) = common::watch_created(
+        &mut back,
+        "s/",
+        WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start + 1),
+    )
+    .await;
+    let replayed: Vec<i64> = common::events(&mut replay, (last - start) as usize)
+        .await
+        .iter()
+        .map(|e| e.3)
+        .collect();
+    assert_eq!(replayed, expected);
+}

@@ -43,6 +43,8 @@ pub struct StoreCluster {
     token: String,
     /// Holds each member's data dir (`m<i>`) and log (`m<i>.log`).
     work: tempfile::TempDir,
+    /// More arguments for every member (e.g. `--snapshot-count 20`).
+    extra_args: Vec<String>,
 }
 
 /// One member of a [`StoreCluster`]. Its ports, data dir and log stay the same across
@@ -110,6 +112,15 @@ impl StoreCluster {
     /// URL. If any member finds its port taken, the whole cluster is started again on new
     /// ports: a cluster whose `--initial-cluster` names a port someone else holds cannot form.
     pub async fn start(backend: Backend, n: usize) -> Result<Self, Error> {
+        Self::start_with_args(backend, n, Vec::new()).await
+    }
+
+    /// Like [`StoreCluster::start`], with more arguments for every member (also on restart).
+    pub async fn start_with_args(
+        backend: Backend,
+        n: usize,
+        extra_args: Vec<String>,
+    ) -> Result<Self, Error> {
         assert!(n > 0, "a cluster needs at least one member");
         let work = tempfile::Builder::new()
             .prefix(&format!("testkit-cluster-{}-", backend.name()))
@@ -138,6 +149,7 @@ impl StoreCluster {
             members,
             token,
             work,
+            extra_args,
         };
         let all: Vec<usize> = (0..n).collect();
         let mut last_tail = String::new();
@@ -355,6 +367,7 @@ impl StoreCluster {
         if self.backend == Backend::Etcd {
             etcd_process_settings(&mut cmd);
         }
+        cmd.args(&self.extra_args);
         cmd
     }
 

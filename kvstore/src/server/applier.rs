@@ -26,6 +26,10 @@ const LEASE_CHECK: Duration = Duration::from_millis(500);
 /// Events of consecutive revisions made durable together.
 #[derive(Debug)]
 pub struct Committed {
+    /// The first revision this commit carries: a stream that has not delivered everything
+    /// before it reads the rest from storage first (after a restored image, everything up to
+    /// `revision` is there).
+    pub from: i64,
     /// The newest revision in this commit.
     pub revision: i64,
     pub events: Vec<PbEvent>,
@@ -132,6 +136,29 @@ impl Shared {
 /// Where the answer to one write goes.
 pub type Reply = oneshot::Sender<Result<WriteResponse, KvError>>;
 
+/// What the applier takes, in order.
+enum Work {
+    Write(Pending),
+    /// An image of the store once everything before is durable.
+    Dump(oneshot::Sender<Result<Vec<u8>, StorageError>>),
+    /// Replace the store with an image once everything before is durable; nothing after it
+    /// is applied until it is done.
+    Restore {
+        image: Arc<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
+}
+
+/// Work done between two commits.
+enum Between {
+    Dump(oneshot::Sender<Result<Vec<u8>, StorageError>>),
+    Restore {
+        image: Arc<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+        done: oneshot::Sender<()>,
+    },
+}
+
 struct Pending {
     /// `None`: a raft entry that changes no key (a leader's first entry, a membership
     /// change), applied only to advance the applied index in order.
@@ -160,12 +187,16 @@ impl Writer {
 /// How request handlers submit writes.
 #[derive(Clone, Debug)]
 pub struct Applier {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Work>,
 }
 
-impl std::fmt::Debug for Pending {
+impl std::fmt::Debug for Work {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.request.fmt(f)
+        match self {
+            Work::Write(pending) => pending.request.fmt(f),
+            Work::Dump(_) => f.write_str("Dump"),
+            Work::Restore { image, .. } => write!(f, "Restore({} bytes)", image.len()),
+        }
     }
 }
 
@@ -184,11 +215,11 @@ impl Applier {
     pub async fn submit(&self, request: WriteRequest) -> Result<WriteResponse, KvError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Pending {
+            .send(Work::Write(Pending {
                 request: Some(request),
                 index: 0,
                 reply: Some(reply),
-            })
+            }))
             .await
             .map_err(|_| KvError::Stopped)?;
         rx.await.map_err(|_| KvError::Stopped)?
@@ -203,40 +234,88 @@ impl Applier {
         reply: Option<Reply>,
     ) -> Result<(), KvError> {
         self.tx
-            .blocking_send(Pending {
+            .blocking_send(Work::Write(Pending {
                 request,
                 index,
                 reply,
-            })
+            }))
             .map_err(|_| KvError::Stopped)
+    }
+
+    /// Asks for an image of the store as of everything handed over so far (from the raft
+    /// thread, which polls the answer rather than wait for it).
+    pub fn request_dump(
+        &self,
+    ) -> Result<oneshot::Receiver<Result<Vec<u8>, StorageError>>, KvError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Work::Dump(reply))
+            .map_err(|_| KvError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Replaces the store with an image after everything handed over so far, and waits for
+    /// it (from the raft thread: nothing after a snapshot may apply before it).
+    pub fn restore_blocking(&self, image: Arc<Vec<u8>>) -> Result<(), StorageError> {
+        let stopped = || StorageError::Task("the applier stopped".into());
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Work::Restore { image, reply })
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().map_err(|_| stopped())?
     }
 }
 
-async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pending>, cancel: CancellationToken) {
+async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Work>, cancel: CancellationToken) {
     // Applying and committing are pipelined: while one group is being fsynced, the next is
     // gathered and applied in memory (readers still see only durable revisions).
     let (staged_tx, staged_rx) = mpsc::channel(STAGED_DEPTH);
     let committer = tokio::spawn(commit_loop(shared.clone(), staged_rx, cancel.clone()));
     let mut group = Vec::with_capacity(MAX_GROUP);
-    loop {
-        let first = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            next = rx.recv() => match next {
-                Some(p) => p,
-                None => break,
+    let mut held: Option<Work> = None;
+    'work: loop {
+        let first = match held.take() {
+            Some(work) => work,
+            None => tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                next = rx.recv() => match next {
+                    Some(work) => work,
+                    None => break,
+                },
             },
         };
-        group.push(first);
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(p) => group.push(p),
-                Err(_) => break,
+        let between = match first {
+            Work::Write(pending) => {
+                group.push(pending);
+                while group.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(Work::Write(pending)) => group.push(pending),
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let staged = stage(&shared, std::mem::take(&mut group));
+                if staged_tx.send(Ok(staged)).await.is_err() {
+                    break;
+                }
+                continue 'work;
             }
-        }
-        let staged = stage(&shared, std::mem::take(&mut group));
-        if staged_tx.send(staged).await.is_err() {
+            Work::Dump(reply) => (Between::Dump(reply), None),
+            Work::Restore { image, reply } => {
+                let (done, finished) = oneshot::channel();
+                (Between::Restore { image, reply, done }, Some(finished))
+            }
+        };
+        if staged_tx.send(Err(between.0)).await.is_err() {
             break;
+        }
+        // Nothing after an image is staged on the state it replaces.
+        if let Some(finished) = between.1 {
+            let _ = finished.await;
         }
     }
     rx.close();
@@ -292,26 +371,109 @@ fn stage(shared: &Shared, group: Vec<Pending>) -> Staged {
     }
 }
 
+/// What the committer takes: a staged group, or work to do between two commits.
+type Step = Result<Staged, Between>;
+
 async fn commit_loop(
     shared: Arc<Shared>,
-    mut staged: mpsc::Receiver<Staged>,
+    mut staged: mpsc::Receiver<Step>,
     cancel: CancellationToken,
 ) {
-    while let Some(mut group) = staged.recv().await {
+    let mut carried: Option<Step> = None;
+    loop {
+        let step = match carried.take() {
+            Some(step) => step,
+            None => match staged.recv().await {
+                Some(step) => step,
+                None => break,
+            },
+        };
+        let mut group = match step {
+            Ok(group) => group,
+            Err(between) => {
+                if let Err(error) = between_commits(&shared, between).await {
+                    tracing::error!(%error, "restoring an image failed; the store stops accepting requests");
+                    cancel.cancel();
+                }
+                continue;
+            }
+        };
         while let Ok(later) = staged.try_recv() {
-            group.absorb(later);
+            match later {
+                Ok(later) => group.absorb(later),
+                Err(between) => {
+                    carried = Some(Err(between));
+                    break;
+                }
+            }
         }
         if let Err(error) = commit(&shared, group).await {
             // Memory is now ahead of disk; serving on would acknowledge writes a restart loses.
             tracing::error!(%error, "durable commit failed; the store stops accepting requests");
             cancel.cancel();
             staged.close();
-            while let Some(group) = staged.recv().await {
-                for (reply, _) in group.replies {
-                    let _ = reply.send(Err(KvError::Stopped));
+            while let Some(step) = staged.recv().await {
+                if let Ok(group) = step {
+                    for (reply, _) in group.replies {
+                        let _ = reply.send(Err(KvError::Stopped));
+                    }
                 }
             }
             return;
+        }
+    }
+}
+
+/// A dump or a restore, with every earlier group durable and none later committed. A failed
+/// restore leaves memory and disk disagreeing, so it is an error that stops the store.
+async fn between_commits(shared: &Shared, between: Between) -> Result<(), StorageError> {
+    let storage = shared.storage.clone();
+    match between {
+        Between::Dump(reply) => {
+            let image = tokio::task::spawn_blocking(move || storage.dump())
+                .await
+                .map_err(|e| StorageError::Task(e.to_string()))
+                .and_then(|r| r);
+            let _ = reply.send(image);
+            Ok(())
+        }
+        Between::Restore { image, reply, done } => {
+            let restored = tokio::task::spawn_blocking(move || storage.restore(&image))
+                .await
+                .map_err(|e| StorageError::Task(e.to_string()))
+                .and_then(|r| r);
+            let result = restored.map(|loaded| {
+                let (meta, term) = {
+                    let state = shared.read();
+                    (state.meta(), state.raft_term())
+                };
+                let mut state = Mvcc::open(shared.storage.clone(), loaded);
+                state.set_identity(meta.cluster_id, meta.member_id);
+                state.set_raft_term(term);
+                let revision = state.current_revision();
+                let applied = state.meta().applied_index;
+                *shared.write() = state;
+                shared.visible.store(revision, Ordering::Release);
+                shared.applied.send_if_modified(|current| {
+                    let advanced = applied > *current;
+                    *current = (*current).max(applied);
+                    advanced
+                });
+                // Streams check they hold everything up to the image's revision.
+                let _ = shared.feed.send(Arc::new(Committed {
+                    from: revision + 1,
+                    revision,
+                    events: Vec::new(),
+                }));
+                tracing::info!(revision, applied, "store replaced by an image");
+            });
+            let failed = result.as_ref().err().map(ToString::to_string);
+            let _ = reply.send(result);
+            let _ = done.send(());
+            match failed {
+                Some(error) => Err(StorageError::Task(error)),
+                None => Ok(()),
+            }
         }
     }
 }
@@ -325,6 +487,7 @@ async fn commit(shared: &Shared, group: Staged) -> Result<(), StorageError> {
         replies,
     } = group;
     let storage = shared.storage.clone();
+    let from = shared.visible() + 1;
     let committed = tokio::task::spawn_blocking(move || storage.commit(batch))
         .await
         .map_err(|e| StorageError::Task(e.to_string()))
@@ -339,7 +502,11 @@ async fn commit(shared: &Shared, group: Staged) -> Result<(), StorageError> {
             });
             if !events.is_empty() {
                 // No receivers is fine: nobody is watching.
-                let _ = shared.feed.send(Arc::new(Committed { revision, events }));
+                let _ = shared.feed.send(Arc::new(Committed {
+                    from,
+                    revision,
+                    events,
+                }));
             }
             for (reply, result) in replies {
                 let _ = reply.send(result);

@@ -150,17 +150,36 @@ impl Server {
             .transpose()?;
         let tls_files = config.tls.clone();
         let dir = config.data_dir.clone();
+        let replicated = config.cluster.is_some();
         let opened = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
             std::fs::create_dir_all(&dir).map_err(|source| StorageError::Io {
                 path: dir.clone(),
                 source,
             })?;
             let storage: Arc<dyn Storage> = Arc::new(SledStorage::open(&dir)?);
-            let loaded = storage.load()?;
-            Ok((storage, loaded))
+            let mut loaded = storage.load()?;
+            let log = replicated
+                .then(|| cluster::log::RaftLog::open(&dir))
+                .transpose()?;
+            // A snapshot recorded in the log but not yet (wholly) in the store: install it
+            // again from the file it was kept in.
+            if let Some(log) = &log {
+                let applied = loaded.meta.map_or(0, |m| m.applied_index);
+                if applied < log.base() {
+                    let path = dir.join(cluster::node::SNAPSHOT_FILE);
+                    let image =
+                        std::fs::read(&path).map_err(|source| StorageError::Io { path, source })?;
+                    loaded = storage.restore(&image)?;
+                    tracing::info!(
+                        index = log.base(),
+                        "restored the store from the installed snapshot"
+                    );
+                }
+            }
+            Ok((storage, loaded, log))
         })
         .await?;
-        let (storage, loaded) = opened.map_err(|source| ServerError::DataDir {
+        let (storage, loaded, log) = opened.map_err(|source| ServerError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
@@ -194,11 +213,11 @@ impl Server {
         } else {
             config.advertise_client_urls.clone()
         };
-        let (writer, raft_thread) = match &config.cluster {
-            None => (Writer::Local(applier), None),
-            Some(cluster) => {
+        let (writer, raft_thread) = match (&config.cluster, log) {
+            (Some(cluster), Some(log)) => {
                 let (raft, thread) = start_raft(
                     cluster.clone(),
+                    log,
                     &config,
                     &client_urls,
                     shared.clone(),
@@ -208,6 +227,7 @@ impl Server {
                 .await?;
                 (Writer::Replicated(raft), Some(thread))
             }
+            _ => (Writer::Local(applier), None),
         };
         tokio::spawn(applier::expire_leases(
             shared.clone(),
@@ -314,19 +334,13 @@ impl Server {
 /// Opens raft's log, starts the peer transport and service and raft's thread.
 async fn start_raft(
     cluster: Arc<cluster::ClusterConfig>,
+    log: cluster::log::RaftLog,
     config: &ServerConfig,
     client_urls: &[String],
     shared: Arc<Shared>,
     applier: Applier,
     cancel: &CancellationToken,
 ) -> Result<(Arc<cluster::RaftHandle>, std::thread::JoinHandle<()>), ServerError> {
-    let dir = config.data_dir.clone();
-    let log = tokio::task::spawn_blocking(move || cluster::log::RaftLog::open(&dir))
-        .await?
-        .map_err(|source| ServerError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
     if cluster.initial_state == cluster::InitialState::Existing && !log.initialized() {
         return Err(cluster::ClusterConfigError::JoinUnsupported.into());
     }
@@ -355,6 +369,7 @@ async fn start_raft(
         applier,
         outbox,
         channel: (tx, rx),
+        data_dir: config.data_dir.clone(),
     };
     Ok(cluster::node::start(parts, cancel.clone())?)
 }

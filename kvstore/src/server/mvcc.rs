@@ -332,6 +332,10 @@ impl Mvcc {
         self.meta.applied_index = index;
     }
 
+    pub fn raft_term(&self) -> u64 {
+        self.raft_term
+    }
+
     pub fn set_raft_term(&mut self, term: u64) {
         self.raft_term = term;
     }

@@ -296,6 +296,17 @@ impl WatchStream {
     }
 
     async fn deliver(&mut self, committed: &Committed) -> Result<(), Stop> {
+        // A stream behind what this commit starts from (a restored image skipped revisions
+        // past it) reads them from storage first.
+        let behind: Vec<i64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.next_rev < committed.from)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in behind {
+            self.catch_up(id).await?;
+        }
         let header = self.shared.read().header(committed.revision);
         let mut out = Vec::new();
         for (id, watcher) in &mut self.watchers {

@@ -22,6 +22,10 @@ pub use self::node::{NodeStatus, RaftHandle};
 
 use super::tls::TlsFiles;
 
+/// etcd 3.4's default `--snapshot-count`: applied entries between two compactions of raft's
+/// log.
+pub const DEFAULT_SNAPSHOT_COUNT: u64 = 100_000;
+
 /// etcd's default `--initial-cluster-token`.
 pub const DEFAULT_CLUSTER_TOKEN: &str = "etcd-cluster";
 
@@ -53,6 +57,8 @@ pub struct ClusterConfig {
     pub listen_peer: SocketAddr,
     /// Mutual TLS between members (`--peer-cert/--peer-key/--peer-cacert`).
     pub peer_tls: Option<TlsFiles>,
+    /// Entries applied beyond the log's start before it is compacted (`--snapshot-count`).
+    pub snapshot_count: u64,
 }
 
 /// A cluster description that cannot work.
@@ -235,6 +241,7 @@ impl ClusterConfig {
             initial_state,
             listen_peer,
             peer_tls,
+            snapshot_count: DEFAULT_SNAPSHOT_COUNT,
         })
     }
 

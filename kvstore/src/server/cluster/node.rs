@@ -8,6 +8,7 @@
 //! applier in log order, which stores each entry's index with the changes it made.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -16,17 +17,17 @@ use std::time::{Duration, Instant};
 use etcd_client::proto::{PbDeleteRequest, PbPutRequest, PbTxnRequest};
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message};
-use raft::storage::MemStorage;
+use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, Snapshot, SnapshotMetadata};
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::ClusterConfig;
-use super::log::RaftLog;
+use super::log::{LogStore, RaftLog};
 use super::transport::Outbox;
 use crate::server::applier::{Applier, Reply, Shared};
 use crate::server::mvcc::{KvError, WriteRequest, WriteResponse};
+use crate::server::storage::{self, StorageError};
 
 /// etcd's default heartbeat interval; an election takes 10 of them without a leader.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -38,6 +39,31 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
 const READ_RETRY: Duration = Duration::from_millis(500);
 /// Commands taken per loop turn before raft's `Ready` is handled.
 const BATCH: usize = 512;
+/// Entries kept behind the compaction point for members just behind (etcd keeps 5000).
+const CATCH_UP_ENTRIES: u64 = 5000;
+
+/// Writes a file so that it is whole after a crash: a temporary file, synced, renamed over
+/// the old one, and the directory synced.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> Result<(), StorageError> {
+    let io = |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
 
 /// Encodes a write for the log. A lease grant must carry its id already: applying a log entry
 /// must come out the same on every member.
@@ -127,6 +153,8 @@ pub enum Command {
     Step(Box<Message>),
     /// Sending to this member failed: raft slows down replication to it.
     Unreachable(u64),
+    /// Whether a snapshot sent to this member arrived.
+    SnapshotSent { to: u64, ok: bool },
 }
 
 impl std::fmt::Debug for Command {
@@ -136,6 +164,7 @@ impl std::fmt::Debug for Command {
             Command::ReadIndex { seq, .. } => write!(f, "ReadIndex({seq})"),
             Command::Step(m) => write!(f, "Step({:?} from {})", m.get_msg_type(), m.from),
             Command::Unreachable(id) => write!(f, "Unreachable({id})"),
+            Command::SnapshotSent { to, ok } => write!(f, "SnapshotSent({to}, {ok})"),
         }
     }
 }
@@ -261,7 +290,7 @@ pub enum NodeError {
     Raft(#[from] raft::Error),
     /// The raft log could not be read or written.
     #[error(transparent)]
-    Storage(#[from] crate::server::storage::StorageError),
+    Storage(#[from] StorageError),
     /// The raft thread could not be started.
     #[error("starting the raft thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -281,6 +310,8 @@ pub struct Parts {
     pub applier: Applier,
     pub outbox: Outbox,
     pub channel: (std_mpsc::Sender<Command>, std_mpsc::Receiver<Command>),
+    /// Where a received snapshot is kept until the store holds it.
+    pub data_dir: PathBuf,
 }
 
 /// Starts raft on the log (bootstrapping the membership of a new cluster) and its thread.
@@ -295,6 +326,7 @@ pub fn start(
         applier,
         outbox,
         channel: (tx, rx),
+        data_dir,
     } = parts;
     if !log.initialized() {
         let cs = raft::eraftpb::ConfState {
@@ -316,7 +348,7 @@ pub fn start(
     };
     raft_config.validate()?;
     let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let node = RawNode::new(&raft_config, log.storage(), &logger)?;
+    let node = RawNode::new(&raft_config, log.store(), &logger)?;
     shared.set_raft(0, node.raft.term, node.raft.raft_log.last_index());
     let handle = Arc::new(RaftHandle {
         tx,
@@ -335,6 +367,9 @@ pub fn start(
         waiting: HashMap::new(),
         reads: HashMap::new(),
         leader: 0,
+        snapshot_count: config.snapshot_count.max(1),
+        dump: None,
+        data_dir,
     };
     let thread = std::thread::Builder::new()
         .name("raft".into())
@@ -344,7 +379,7 @@ pub fn start(
 }
 
 struct Owner {
-    node: RawNode<MemStorage>,
+    node: RawNode<LogStore>,
     log: RaftLog,
     shared: Arc<Shared>,
     applier: Applier,
@@ -355,7 +390,15 @@ struct Owner {
     /// Read index requests waiting for raft's answer.
     reads: HashMap<u64, (Instant, oneshot::Sender<u64>)>,
     leader: u64,
+    snapshot_count: u64,
+    /// An image of the store being made for a member that fell behind the log.
+    dump: Option<oneshot::Receiver<Result<Vec<u8>, StorageError>>>,
+    data_dir: PathBuf,
 }
+
+/// Where a received snapshot waits until the store holds it (the log already says the
+/// member is there, so a restart restores from this file).
+pub const SNAPSHOT_FILE: &str = "raft.snap";
 
 impl Owner {
     fn run(&mut self, rx: &std_mpsc::Receiver<Command>, cancel: &CancellationToken) {
@@ -379,7 +422,7 @@ impl Owner {
                 self.node.tick();
                 self.forget_stale();
             }
-            if let Err(error) = self.on_ready() {
+            if let Err(error) = self.on_ready().and_then(|()| self.maintain_log()) {
                 // Raft's log can no longer be trusted to be durable: stop rather than
                 // acknowledge what a restart would lose.
                 tracing::error!(%error, "raft log write failed; the member stops");
@@ -412,6 +455,14 @@ impl Owner {
                 }
             }
             Command::Unreachable(id) => self.node.report_unreachable(id),
+            Command::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(to, status);
+            }
         }
     }
 
@@ -422,18 +473,87 @@ impl Owner {
         self.reads.retain(|_, (at, _)| at.elapsed() < limit);
     }
 
-    fn on_ready(&mut self) -> Result<(), crate::server::storage::StorageError> {
+    /// Compacts the log once `snapshot_count` entries are applied beyond its start (keeping
+    /// some for members just behind), and builds the image raft asked for.
+    fn maintain_log(&mut self) -> Result<(), StorageError> {
+        let applied = self.shared.applied();
+        if applied.saturating_sub(self.log.base()) > self.snapshot_count {
+            let keep = (self.snapshot_count / 2).min(CATCH_UP_ENTRIES);
+            self.log.compact(applied - keep)?;
+            tracing::debug!(through = applied - keep, "raft log compacted");
+        }
+        if let Some(dump) = &mut self.dump {
+            match dump.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                Err(oneshot::error::TryRecvError::Closed) => self.dump = None,
+                Ok(image) => {
+                    self.dump = None;
+                    match image {
+                        Ok(image) => self.offer_snapshot(image)?,
+                        Err(error) => tracing::warn!(%error, "building a snapshot failed"),
+                    }
+                }
+            }
+        }
+        if self.dump.is_none() && self.log.snapshot_wanted() {
+            match self.applier.request_dump() {
+                Ok(rx) => self.dump = Some(rx),
+                Err(error) => tracing::debug!(%error, "no snapshot: the applier stopped"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps a built image for raft, with the log position it stands for.
+    fn offer_snapshot(&mut self, image: Vec<u8>) -> Result<(), StorageError> {
+        let index = storage::image_meta(&image)?.applied_index;
+        let Some(term) = self.log.term(index) else {
+            // Compacted past it while it was built: raft asks again.
+            return Ok(());
+        };
+        let mut snapshot = Snapshot {
+            data: image.into(),
+            ..Default::default()
+        };
+        snapshot.set_metadata(SnapshotMetadata {
+            index,
+            term,
+            conf_state: Some(self.log.conf_state()).into(),
+            ..Default::default()
+        });
+        tracing::info!(index, bytes = snapshot.data.len(), "snapshot ready to send");
+        self.log.set_snapshot(snapshot);
+        Ok(())
+    }
+
+    /// A leader's snapshot: kept in a file, recorded in the log, then the store is replaced
+    /// by it, before any entry after it is applied.
+    fn install(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        let meta = snapshot.get_metadata();
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            bytes = snapshot.data.len(),
+            "installing a snapshot from the leader"
+        );
+        write_durably(&self.data_dir.join(SNAPSHOT_FILE), &snapshot.data)?;
+        self.log.install(meta)?;
+        self.applier
+            .restore_blocking(Arc::new(snapshot.data.to_vec()))?;
+        // Waiters for entries inside the snapshot are never answered here.
+        self.waiting.clear();
+        Ok(())
+    }
+
+    fn on_ready(&mut self) -> Result<(), StorageError> {
         if !self.node.has_ready() {
             return Ok(());
         }
         let mut ready = self.node.ready();
         self.outbox.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            // This store never compacts raft's log, so no member ever sends a snapshot.
-            return Err(crate::server::storage::StorageError::Corrupt {
-                what: "raft snapshot",
-                detail: "a snapshot arrived, which this version cannot install".into(),
-            });
+            let snapshot = ready.snapshot().clone();
+            self.install(&snapshot)?;
         }
         self.apply(ready.take_committed_entries());
         self.log.persist(ready.entries(), ready.hs(), None)?;

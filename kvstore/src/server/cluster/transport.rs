@@ -14,7 +14,7 @@ use proto::peer::peer_client::PeerClient;
 use proto::peer::peer_server::{Peer, PeerServer};
 use proto::peer::{DescribeRequest, LeaseCall, LeaseReply, MemberInfo, MessageBatch, SendReply};
 use protobuf::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,6 +34,8 @@ const QUEUE: usize = 4096;
 const MAX_BATCH: usize = 256;
 /// A call not answered by then counts as a failure (the peer is down or partitioned).
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a call carrying a snapshot may take.
+const SNAPSHOT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Refusals of a foreign peer are logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(5);
 
@@ -228,6 +230,10 @@ async fn send_loop(
                 Err(_) => break,
             }
         }
+        let snapshots = batch
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .count();
         let request = MessageBatch {
             cluster_id: target.cluster_id,
             from: target.from,
@@ -237,7 +243,20 @@ async fn send_loop(
                 .map(|m| m.write_to_bytes().unwrap_or_default())
                 .collect(),
         };
-        let outcome = tokio::time::timeout(SEND_TIMEOUT, client.send(request)).await;
+        // A snapshot is the whole store: give it time to cross.
+        let timeout = if snapshots > 0 {
+            SNAPSHOT_SEND_TIMEOUT
+        } else {
+            SEND_TIMEOUT
+        };
+        let outcome = tokio::time::timeout(timeout, client.send(request)).await;
+        let delivered = matches!(outcome, Ok(Ok(_)));
+        for _ in 0..snapshots {
+            let _ = node.send(Command::SnapshotSent {
+                to: target.id,
+                ok: delivered,
+            });
+        }
         match outcome {
             Ok(Ok(_)) => {
                 if failing {
@@ -250,17 +269,24 @@ async fn send_loop(
                     tracing::warn!(code = ?status.code(), error = status.message(), "sending to peer failed");
                     failing = true;
                 }
-                let _ = node.send(Command::Unreachable(target.id));
+                unreachable(&mut rx, &node, target.id);
             }
             Err(_) => {
                 if !failing {
                     tracing::warn!("peer does not answer");
                     failing = true;
                 }
-                let _ = node.send(Command::Unreachable(target.id));
+                unreachable(&mut rx, &node, target.id);
             }
         }
     }
+}
+
+/// After a failed call: what was queued meanwhile is stale (raft probes the peer again and
+/// sends what it then needs, a snapshot if the log moved on), so it is dropped.
+fn unreachable(rx: &mut mpsc::Receiver<Message>, node: &std_mpsc::Sender<Command>, peer: u64) {
+    while rx.try_recv().is_ok() {}
+    let _ = node.send(Command::Unreachable(peer));
 }
 
 /// The peer service: raft messages in, lease calls for the leader, this member's description.
