@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use kvstore::server::cluster::{
     ClusterConfig, ClusterConfigError, InitialState, parse_initial_cluster,
 };
+use kvstore::server::storage::restore_data_dir;
 use kvstore::server::{DEFAULT_MAX_REQUEST_BYTES, Server, ServerConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +35,26 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the etcd v3 API from a data directory.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Create a new data directory from a snapshot (`etcdctl snapshot save` of this store);
+    /// restore every member of a new cluster from the same file, then start them with
+    /// `serve --initial-cluster ...`.
+    Restore(RestoreArgs),
+}
+
+#[derive(Parser, Debug)]
+struct RestoreArgs {
+    /// The snapshot file.
+    snapshot: PathBuf,
+    /// The data directory to create; it must not exist or be empty.
+    #[arg(long)]
+    data_dir: PathBuf,
+}
+
+/// What the binary was asked to do, checked.
+enum Job {
+    Serve(ServerConfig),
+    Restore(RestoreArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -260,15 +280,40 @@ impl ServeArgs {
 fn main() -> ExitCode {
     daemon::main(
         "kvstore",
-        |cli: Cli| {
-            let Command::Serve(args) = cli.command;
-            args.config()
+        |cli: Cli| match cli.command {
+            Command::Serve(args) => args.config().map(Job::Serve),
+            Command::Restore(args) => {
+                if !args.snapshot.is_file() {
+                    bail!("{}: no such file", args.snapshot.display());
+                }
+                Ok(Job::Restore(args))
+            }
         },
-        serve,
+        run,
     )
 }
 
-async fn serve(config: ServerConfig, cancel: CancellationToken) -> anyhow::Result<()> {
-    Server::start(config, cancel).await?.wait().await?;
+async fn run(job: Job, cancel: CancellationToken) -> anyhow::Result<()> {
+    match job {
+        Job::Serve(config) => {
+            Server::start(config, cancel).await?.wait().await?;
+        }
+        Job::Restore(args) => {
+            let image = std::fs::read(&args.snapshot)
+                .with_context(|| format!("reading {}", args.snapshot.display()))?;
+            let dir = args.data_dir.clone();
+            let restored = tokio::task::spawn_blocking(move || restore_data_dir(&image, &dir))
+                .await?
+                .with_context(|| format!("restoring {}", args.snapshot.display()))?;
+            println!(
+                "restored {} into {}: revision {}, {} records, {} leases",
+                args.snapshot.display(),
+                args.data_dir.display(),
+                restored.revision,
+                restored.records,
+                restored.leases
+            );
+        }
+    }
     Ok(())
 }

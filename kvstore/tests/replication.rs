@@ -441,3 +441,98 @@ async fn a_member_behind_the_log_catches_up_by_snapshot_and_its_watches_miss_not
         .collect();
     assert_eq!(replayed, expected);
 }
+
+/// `etcdctl snapshot save` backs up a member of ours; `kvstore restore` makes every member of
+/// a new cluster from that file; the new cluster holds the data and history as they were and
+/// takes writes after them.
+#[tokio::test]
+async fn a_snapshot_saved_with_etcdctl_restores_a_new_cluster() {
+    let mut cluster = start(embedded_backend()).await;
+    let mut client = cluster.client(0).await;
+    let first = churn(&mut client, "b/", 10).await;
+    let last = churn(&mut client, "b/", 10).await;
+    let before = client
+        .get("b/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("get");
+    let hash = hash_kv(&mut client, last).await;
+
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = work.path().join("backup.db");
+    let endpoint = cluster.member(1).endpoint();
+    let saved = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!(
+            "--endpoints={}",
+            endpoint.trim_start_matches("http://")
+        ))
+        .args(["snapshot", "save"])
+        .arg(&file)
+        .output()
+        .expect("run etcdctl");
+    assert!(
+        saved.status.success(),
+        "etcdctl snapshot save: {}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        let dir = cluster.member(i).data_dir().to_path_buf();
+        std::fs::remove_dir_all(&dir).expect("remove the old data dir");
+        let restored = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+            .arg("restore")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+            .expect("run kvstore restore");
+        assert!(
+            restored.status.success(),
+            "kvstore restore: {}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
+    }
+    // A restore never overwrites a store.
+    let again = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        .arg("restore")
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(cluster.member(0).data_dir())
+        .output()
+        .expect("run kvstore restore");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+
+    for i in 0..3 {
+        cluster.restart(i).await.expect("start the restored member");
+    }
+    cluster
+        .leader()
+        .await
+        .expect("the restored cluster elects a leader");
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        let got = c
+            .get("b/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        assert_eq!(common::kvs(got.kvs()), common::kvs(before.kvs()), "m{i}");
+        assert_eq!(got.header().expect("header").revision(), last, "m{i}");
+        assert_eq!(hash_kv(&mut c, last).await, hash, "m{i}: same history");
+        let old = c
+            .get("b/0", Some(GetOptions::new().with_revision(first)))
+            .await
+            .expect("historical get");
+        assert_eq!(old.kvs().len(), 1, "history came along");
+    }
+    let put = cluster
+        .client(2)
+        .await
+        .put("b/new", "1", None)
+        .await
+        .expect("put");
+    assert_eq!(put.header().expect("header").revision(), last + 1);
+}

@@ -242,6 +242,17 @@ impl Applier {
             .map_err(|_| KvError::Stopped)
     }
 
+    /// An image of the store as of every write submitted before (`Maintenance.Snapshot`).
+    pub async fn dump(&self) -> Result<Vec<u8>, StorageError> {
+        let stopped = || StorageError::Task("the applier stopped".into());
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Work::Dump(reply))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
     /// Asks for an image of the store as of everything handed over so far (from the raft
     /// thread, which polls the answer rather than wait for it).
     pub fn request_dump(

@@ -2,8 +2,9 @@
 //!
 //! Layout: [`storage`] makes batches durable; [`mvcc`] is the state machine; [`applier`] is the
 //! single task that applies writes and publishes them; [`watch`] serves watch streams;
-//! [`service`] maps gRPC calls onto all of that. Replication (raft) will slot in between the
-//! services and the applier: the applier already takes writes as an ordered stream.
+//! [`service`] maps gRPC calls onto all of that. With several members, [`cluster`] sits between
+//! the services and the applier: writes go through raft's log, and each member's applier
+//! takes the committed entries as its ordered stream.
 
 pub mod access;
 pub mod applier;
@@ -213,6 +214,7 @@ impl Server {
         } else {
             config.advertise_client_urls.clone()
         };
+        let dumper = applier.clone();
         let (writer, raft_thread) = match (&config.cluster, log) {
             (Some(cluster), Some(log)) => {
                 let (raft, thread) = start_raft(
@@ -239,6 +241,7 @@ impl Server {
             client_urls,
             shared,
             writer,
+            applier: dumper,
             max_request_bytes: config.max_request_bytes,
             progress_interval: config.progress_interval,
             cancel: cancel.clone(),

@@ -229,12 +229,66 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
 
 /// The first bytes of a store image.
 const IMAGE_MAGIC: &[u8; 8] = b"KVIMAGE1";
+/// `magic | payload length: u64`.
+const IMAGE_HEADER: usize = 16;
+/// What `etcdctl snapshot save` expects after the data: a SHA-256 of everything before it,
+/// the data padded with zeros to a multiple of 512 bytes (etcd's database pages are).
+const SHA256_LEN: usize = 32;
+const PADDED_TO: usize = 512;
 
 fn image_corrupt(detail: impl Into<String>) -> StorageError {
     StorageError::Corrupt {
         what: "store image",
         detail: detail.into(),
     }
+}
+
+/// An image as a snapshot file: zero padding and the SHA-256 etcd's tools look for.
+pub fn image_with_checksum(mut image: Vec<u8>) -> Vec<u8> {
+    use sha2::Digest as _;
+    image.resize(image.len().div_ceil(PADDED_TO) * PADDED_TO, 0);
+    let digest = sha2::Sha256::digest(&image);
+    image.extend_from_slice(&digest);
+    image
+}
+
+/// The payload of an image, its length and CRC checked; a trailing padding + SHA-256 (a
+/// snapshot file) is checked too.
+fn image_payload(image: &[u8]) -> Result<&[u8], StorageError> {
+    if image.get(..8) != Some(IMAGE_MAGIC.as_slice()) {
+        return Err(image_corrupt("not a store image (bad magic)"));
+    }
+    let len = image
+        .get(8..IMAGE_HEADER)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .and_then(|len| usize::try_from(len).ok())
+        .ok_or_else(|| image_corrupt("ends inside its header"))?;
+    let end = IMAGE_HEADER
+        .checked_add(len)
+        .filter(|end| end.checked_add(4).is_some_and(|e| e <= image.len()))
+        .ok_or_else(|| image_corrupt("shorter than its length says (truncated)"))?;
+    let payload = &image[IMAGE_HEADER..end];
+    if crc32fast::hash(payload).to_be_bytes() != image[end..end + 4] {
+        return Err(image_corrupt("checksum mismatch (damaged)"));
+    }
+    let rest = &image[end + 4..];
+    if !rest.is_empty() {
+        use sha2::Digest as _;
+        let (padding, digest) = rest
+            .len()
+            .checked_sub(SHA256_LEN)
+            .map(|at| rest.split_at(at))
+            .ok_or_else(|| image_corrupt("unexpected bytes after the data"))?;
+        if padding.iter().any(|b| *b != 0) {
+            return Err(image_corrupt("unexpected bytes after the data"));
+        }
+        let hashed = &image[..image.len() - SHA256_LEN];
+        if sha2::Sha256::digest(hashed).as_slice() != digest {
+            return Err(image_corrupt("SHA-256 mismatch (damaged snapshot file)"));
+        }
+    }
+    Ok(payload)
 }
 
 /// The metadata an image starts with (where it stands in the raft log), without reading the
@@ -245,26 +299,17 @@ pub fn image_meta(image: &[u8]) -> Result<Meta, StorageError> {
     }
     decode_meta(
         image
-            .get(8..49)
+            .get(IMAGE_HEADER..IMAGE_HEADER + 41)
             .ok_or_else(|| image_corrupt("ends inside its metadata"))?,
     )
 }
 
-/// Reads an image: every length and the trailing CRC are checked, so a damaged or foreign
-/// file is an error, never a panic or a partial store.
+/// Reads an image: every length and the checksums are checked, so a damaged or foreign file
+/// is an error, never a panic or a partial store.
 pub fn decode_image(image: &[u8]) -> Result<Loaded, StorageError> {
-    let (body, crc) = image
-        .split_last_chunk::<4>()
-        .ok_or_else(|| image_corrupt("shorter than its checksum"))?;
-    if crc32fast::hash(body).to_be_bytes() != *crc {
-        return Err(image_corrupt(
-            "checksum mismatch (damaged or not a store image)",
-        ));
-    }
-    let mut r = Reader { bytes: body };
-    if r.take(8)? != IMAGE_MAGIC {
-        return Err(image_corrupt("not a store image (bad magic)"));
-    }
+    let mut r = Reader {
+        bytes: image_payload(image)?,
+    };
     let meta = decode_meta(r.take(41)?)?;
     let mut leases = Vec::new();
     for _ in 0..r.i64()? {
@@ -624,28 +669,35 @@ impl Storage for SledStorage {
         let meta = loaded
             .meta
             .ok_or_else(|| image_corrupt("the store has no metadata yet"))?;
-        let mut out = Vec::new();
-        out.extend_from_slice(IMAGE_MAGIC);
-        out.extend_from_slice(&encode_meta(&meta));
-        out.extend_from_slice(&(loaded.leases.len() as i64).to_be_bytes());
+        let mut payload = encode_meta(&meta);
+        payload.extend_from_slice(&(loaded.leases.len() as i64).to_be_bytes());
         for (id, ttl) in &loaded.leases {
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(&ttl.to_be_bytes());
+            payload.extend_from_slice(&id.to_be_bytes());
+            payload.extend_from_slice(&ttl.to_be_bytes());
         }
-        out.extend_from_slice(&(loaded.records.len() as i64).to_be_bytes());
+        payload.extend_from_slice(&(loaded.records.len() as i64).to_be_bytes());
         for (rev, record) in &loaded.records {
-            out.extend_from_slice(&rev.to_bytes());
+            payload.extend_from_slice(&rev.to_bytes());
             let encoded = record.encode();
-            out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-            out.extend_from_slice(&encoded);
+            payload.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+            payload.extend_from_slice(&encoded);
         }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_be_bytes());
+        let mut out = Vec::with_capacity(IMAGE_HEADER + payload.len() + 4);
+        out.extend_from_slice(IMAGE_MAGIC);
+        out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        out.extend_from_slice(&payload);
+        out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
         Ok(out)
     }
 
     fn restore(&self, image: &[u8]) -> Result<Loaded, StorageError> {
-        let loaded = decode_image(image)?;
+        self.restore_loaded(decode_image(image)?)
+    }
+}
+
+impl SledStorage {
+    /// Replaces everything with what an image held (see [`Storage::restore`]).
+    pub fn restore_loaded(&self, loaded: Loaded) -> Result<Loaded, StorageError> {
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         self.db.clear()?;
         let batch = Batch {
@@ -667,6 +719,46 @@ impl Storage for SledStorage {
         wal.append(&encode_batch(&marker))?;
         Ok(loaded)
     }
+}
+
+/// What [`restore_data_dir`] made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub revision: i64,
+    pub records: usize,
+    pub leases: usize,
+}
+
+/// Creates a new data directory from an image (`etcdctl snapshot save` of our store): the
+/// data and history as they were, as the start of a new store or cluster. Every member of a
+/// new cluster is restored from the same image, so they start equal; the raft position of
+/// the old cluster is dropped (the new one starts its own log).
+pub fn restore_data_dir(image: &[u8], dir: &Path) -> Result<Restored, StorageError> {
+    let mut loaded = decode_image(image)?;
+    let not_empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+    if not_empty {
+        return Err(StorageError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the data directory is not empty; a restore creates a new one",
+            ),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if let Some(meta) = &mut loaded.meta {
+        meta.applied_index = 0;
+    }
+    let storage = SledStorage::open(dir)?;
+    let loaded = storage.restore_loaded(loaded)?;
+    Ok(Restored {
+        revision: loaded.meta.map_or(1, |m| m.current_revision),
+        records: loaded.records.len(),
+        leases: loaded.leases.len(),
+    })
 }
 
 #[cfg(test)]
@@ -725,6 +817,55 @@ mod tests {
         for cut in 0..bytes.len() - 41 {
             assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn an_image_restores_everything_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SledStorage::open(dir.path()).unwrap();
+        storage
+            .commit(Batch {
+                records: vec![
+                    (Revision::new(2, 0), record(b"a", b"1")),
+                    (Revision::new(3, 0), record(b"a", b"2")),
+                ],
+                leases_granted: vec![(5, 10)],
+                meta: Some(Meta {
+                    cluster_id: 1,
+                    member_id: 2,
+                    current_revision: 3,
+                    compact_revision: 0,
+                    applied_index: 9,
+                }),
+                ..Batch::default()
+            })
+            .unwrap();
+        let image = storage.dump().unwrap();
+        assert_eq!(image_meta(&image).unwrap().applied_index, 9);
+        let file = image_with_checksum(image.clone());
+        assert_eq!(file.len() % 512, 32, "what etcdctl snapshot save checks");
+        for bytes in [&image, &file] {
+            let loaded = decode_image(bytes).unwrap();
+            assert_eq!(loaded.records.len(), 2);
+            assert_eq!(loaded.leases, vec![(5, 10)]);
+        }
+        let mut damaged = file.clone();
+        damaged[30] ^= 1;
+        assert!(decode_image(&damaged).is_err());
+        assert!(decode_image(&file[..file.len() - 40]).is_err());
+        assert!(decode_image(b"not an image at all").is_err());
+
+        let target = tempfile::tempdir().unwrap();
+        let restored = restore_data_dir(&file, &target.path().join("new")).unwrap();
+        assert_eq!((restored.revision, restored.records), (3, 2));
+        let reopened = SledStorage::open(&target.path().join("new")).unwrap();
+        let loaded = reopened.load().unwrap();
+        assert_eq!(
+            loaded.meta.unwrap().applied_index,
+            0,
+            "a new cluster's log starts over"
+        );
+        assert!(restore_data_dir(&file, &target.path().join("new")).is_err());
     }
 
     #[test]
