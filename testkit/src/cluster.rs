@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, ConnectOptions};
 
 use crate::Error;
+use crate::faultproxy::FaultProxy;
 use crate::process::{
     Attempt, Backend, PORT_ATTEMPTS, etcd_process_settings, free_ports, is_port_clash,
     kill_and_reap, log_tail, probe_status, send_signal, spawn_logged,
@@ -45,6 +46,9 @@ pub struct StoreCluster {
     work: tempfile::TempDir,
     /// More arguments for every member (e.g. `--snapshot-count 20`).
     extra_args: Vec<String>,
+    /// With [`StoreCluster::start_proxied`]: one fault proxy in front of each member's peer
+    /// port, through which every other member reaches it.
+    proxies: Vec<FaultProxy>,
 }
 
 /// One member of a [`StoreCluster`]. Its ports, data dir and log stay the same across
@@ -54,6 +58,8 @@ pub struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// The port the others reach it at, when a fault proxy stands in front of its peer port.
+    advertised_peer_port: Option<u16>,
     data_dir: PathBuf,
     log_path: PathBuf,
     /// `None` after [`StoreCluster::kill`].
@@ -72,8 +78,16 @@ impl Member {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
-    /// The peer URL the other members reach it at.
+    /// The peer URL the other members reach it at (its proxy's, if it has one).
     pub fn peer_url(&self) -> String {
+        format!(
+            "http://127.0.0.1:{}",
+            self.advertised_peer_port.unwrap_or(self.peer_port)
+        )
+    }
+
+    /// The peer URL it listens on.
+    fn listen_peer_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.peer_port)
     }
 
@@ -115,11 +129,32 @@ impl StoreCluster {
         Self::start_with_args(backend, n, Vec::new()).await
     }
 
+    /// Like [`StoreCluster::start_with_args`], with a fault proxy in front of each member's
+    /// peer port ([`StoreCluster::peer_proxy`]): faulting one cuts, slows or breaks what the
+    /// other members send to that member, which partitions it (it hears no leader, and its
+    /// own campaigns get no answer).
+    pub async fn start_proxied(
+        backend: Backend,
+        n: usize,
+        extra_args: Vec<String>,
+    ) -> Result<Self, Error> {
+        Self::start_inner(backend, n, extra_args, true).await
+    }
+
     /// Like [`StoreCluster::start`], with more arguments for every member (also on restart).
     pub async fn start_with_args(
         backend: Backend,
         n: usize,
         extra_args: Vec<String>,
+    ) -> Result<Self, Error> {
+        Self::start_inner(backend, n, extra_args, false).await
+    }
+
+    async fn start_inner(
+        backend: Backend,
+        n: usize,
+        extra_args: Vec<String>,
+        proxied: bool,
     ) -> Result<Self, Error> {
         assert!(n > 0, "a cluster needs at least one member");
         let work = tempfile::Builder::new()
@@ -138,6 +173,7 @@ impl StoreCluster {
                 name: format!("m{i}"),
                 client_port: 0,
                 peer_port: 0,
+                advertised_peer_port: None,
                 data_dir: work.path().join(format!("m{i}")),
                 log_path: work.path().join(format!("m{i}.log")),
                 child: None,
@@ -150,6 +186,7 @@ impl StoreCluster {
             token,
             work,
             extra_args,
+            proxies: Vec::new(),
         };
         let all: Vec<usize> = (0..n).collect();
         let mut last_tail = String::new();
@@ -158,6 +195,19 @@ impl StoreCluster {
             for (member, pair) in cluster.members.iter_mut().zip(ports.chunks(2)) {
                 member.client_port = pair[0];
                 member.peer_port = pair[1];
+            }
+            if proxied {
+                for proxy in cluster.proxies.drain(..) {
+                    proxy.stop().await;
+                }
+                for member in &mut cluster.members {
+                    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], member.peer_port));
+                    let (proxy, addr) = FaultProxy::start(upstream)
+                        .await
+                        .map_err(|e| Error::io("start a peer proxy", std::io::Error::other(e)))?;
+                    member.advertised_peer_port = Some(addr.port());
+                    cluster.proxies.push(proxy);
+                }
             }
             for i in 0..n {
                 cluster.spawn(i)?;
@@ -179,6 +229,12 @@ impl StoreCluster {
             attempts: PORT_ATTEMPTS,
             log_tail: last_tail,
         })
+    }
+
+    /// The fault proxy in front of member `i`'s peer port. Panics unless the cluster was
+    /// started with [`StoreCluster::start_proxied`].
+    pub fn peer_proxy(&self, i: usize) -> &FaultProxy {
+        &self.proxies[i]
     }
 
     /// Every member's client URL, in member order (killed members included).
@@ -355,7 +411,7 @@ impl StoreCluster {
             .arg("--advertise-client-urls")
             .arg(member.endpoint())
             .arg("--listen-peer-urls")
-            .arg(member.peer_url())
+            .arg(member.listen_peer_url())
             .arg("--initial-advertise-peer-urls")
             .arg(member.peer_url())
             .arg("--initial-cluster")
