@@ -89,6 +89,12 @@ struct ServeArgs {
     /// --snapshot-count); a member further behind is sent a snapshot of the store.
     #[arg(long, default_value_t = kvstore::server::cluster::DEFAULT_SNAPSHOT_COUNT, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_count: u64,
+    /// How often the leader compares every member's hash of its history (etcd's corruption
+    /// check; `--experimental-corrupt-check-time` is accepted too); a member that differs
+    /// from the majority gets a CORRUPT alarm, which stops reads and writes until it is
+    /// disarmed. `0s` turns the check off.
+    #[arg(long, alias = "experimental-corrupt-check-time", default_value = "5m", value_parser = parse_duration)]
+    corrupt_check_time: Duration,
     /// Certificate (PEM) this member presents to other members; peer URLs must be https.
     #[arg(long, requires_all = ["peer_key", "peer_cacert", "initial_cluster"])]
     peer_cert: Option<PathBuf>,
@@ -273,6 +279,7 @@ impl ServeArgs {
             peer_tls,
         )?;
         config.snapshot_count = self.snapshot_count;
+        config.corrupt_check = self.corrupt_check_time;
         Ok(Some(Arc::new(config)))
     }
 }

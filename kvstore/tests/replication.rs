@@ -536,3 +536,113 @@ async fn a_snapshot_saved_with_etcdctl_restores_a_new_cluster() {
         .expect("put");
     assert_eq!(put.header().expect("header").revision(), last + 1);
 }
+
+/// A follower's store is changed behind raft's back (a record rewritten in place, as a bad
+/// disk or a hand edit would): the leader's corruption check finds that its history hash
+/// differs from the majority's, raises a CORRUPT alarm naming it through the log, and every
+/// member then refuses reads and writes, as etcd does, until the alarm is disarmed.
+#[tokio::test]
+async fn a_member_whose_history_diverged_gets_a_corrupt_alarm() {
+    use etcd_client::{AlarmAction, AlarmOptions, AlarmType};
+    use kvstore::server::storage::{Batch, SledStorage, Storage};
+
+    let mut cluster = StoreCluster::start_with_args(
+        embedded_backend(),
+        3,
+        vec!["--corrupt-check-time".into(), "1s".into()],
+    )
+    .await
+    .expect("start a 3-member cluster");
+    let mut client = cluster.client_all().await;
+    let last = churn(&mut client, "/k/", 20).await;
+    let leader = cluster.leader().await.expect("leader");
+    let victim = (leader + 1) % 3;
+    let victim_id = statuses(&cluster, &[victim]).await[0].0;
+    // The victim holds the whole history before it is stopped.
+    let mut on_victim = cluster.client(victim).await;
+    let caught_up = async {
+        loop {
+            let got = on_victim
+                .get("/k/", Some(GetOptions::new().with_serializable()))
+                .await;
+            if got.is_ok_and(|r| r.header().is_some_and(|h| h.revision() >= last)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), caught_up)
+        .await
+        .expect("the victim catches up");
+    cluster.kill(victim);
+    {
+        let storage = SledStorage::open(cluster.member(victim).data_dir()).expect("open store");
+        let mut loaded = storage.load().expect("load");
+        let (rev, mut record) = loaded
+            .records
+            .pop()
+            .filter(|(_, r)| !r.tombstone)
+            .or_else(|| loaded.records.into_iter().find(|(_, r)| !r.tombstone))
+            .expect("a record to damage");
+        record.value = b"not what was written".to_vec();
+        storage
+            .commit(Batch {
+                records: vec![(rev, record)],
+                ..Batch::default()
+            })
+            .expect("rewrite a record in place");
+    }
+    cluster.restart(victim).await.expect("restart the victim");
+
+    let alarms = async {
+        loop {
+            if let Ok(r) = client.alarm(AlarmAction::Get, AlarmType::None, None).await
+                && !r.alarms().is_empty()
+            {
+                return r
+                    .alarms()
+                    .iter()
+                    .map(|a| (a.member_id(), a.alarm()))
+                    .collect::<Vec<_>>();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let raised = tokio::time::timeout(Duration::from_secs(30), alarms)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no alarm was raised; leader's log:\n{}",
+                cluster.log_tail(leader)
+            )
+        });
+    assert_eq!(raised, vec![(victim_id, AlarmType::Corrupt)]);
+    assert!(
+        cluster
+            .log_tail(leader)
+            .contains("a member's history differs from the others'"),
+        "{}",
+        cluster.log_tail(leader)
+    );
+    // Every member refuses reads and writes while the alarm stands.
+    for i in 0..3 {
+        let mut c = cluster.client(i).await;
+        let put = c.put("/after", "x", None).await.expect_err("put refused");
+        assert!(put.to_string().contains("corrupt cluster"), "m{i}: {put}");
+        let get = c.get("/k/", None).await.expect_err("get refused");
+        assert!(get.to_string().contains("corrupt cluster"), "m{i}: {get}");
+    }
+    // Disarming (what `etcdctl alarm disarm` sends) clears it everywhere; the next check
+    // raises it again because the victim is still damaged.
+    let mut options = AlarmOptions::new();
+    options.with_member(victim_id);
+    client
+        .alarm(AlarmAction::Deactivate, AlarmType::Corrupt, Some(options))
+        .await
+        .expect("disarm");
+    let listed = client
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .expect("list");
+    assert_eq!(listed.alarms().len(), 0, "alarms are left after disarming");
+}

@@ -313,7 +313,13 @@ async fn cluster_round(backend: Backend, seconds: u64) {
     for (n, key) in KEYS.iter().enumerate() {
         let mut reader = cluster.client(n % 3).await;
         let pending = recorder.begin(CLIENTS, Op::get(*key));
-        let resp = reader.get(*key, None).await.expect("final read");
+        let resp = reader.get(*key, None).await.unwrap_or_else(|e| {
+            panic!(
+                "{name}: final read of {key} through m{}: {e}\n{}",
+                n % 3,
+                cluster.log_tails()
+            )
+        });
         end = resp.header().map_or(0, |h| h.revision());
         pending.ok(OpResult::Get {
             value: resp.kvs().first().map(|kv| kv.value().to_vec()),

@@ -373,7 +373,7 @@ impl StoreCluster {
 
     /// Every member's log tail under a header naming it: a cluster that fails to form usually
     /// needs all sides of the story.
-    fn log_tails(&self) -> String {
+    pub fn log_tails(&self) -> String {
         self.members
             .iter()
             .enumerate()

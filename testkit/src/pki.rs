@@ -84,7 +84,7 @@ impl Ca {
         params.distinguished_name = dn(leaf.cn);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![leaf.eku];
+        params.extended_key_usages = leaf.eku.to_vec();
         params.use_authority_key_identifier_extension = true;
         if leaf.expired {
             // Valid for one day long ago: every verifier must refuse it as expired rather than
@@ -111,7 +111,7 @@ impl Ca {
 struct Leaf<'a> {
     cn: &'a str,
     sans: &'a [String],
-    eku: ExtendedKeyUsagePurpose,
+    eku: &'a [ExtendedKeyUsagePurpose],
     expired: bool,
 }
 
@@ -180,7 +180,7 @@ impl TestPki {
             Leaf {
                 cn: "testkit server",
                 sans: &["127.0.0.1".to_string(), "localhost".to_string()],
-                eku: ExtendedKeyUsagePurpose::ServerAuth,
+                eku: &[ExtendedKeyUsagePurpose::ServerAuth],
                 expired: false,
             },
         )?;
@@ -224,7 +224,7 @@ impl TestPki {
                 Leaf {
                     cn,
                     sans: &[],
-                    eku: ExtendedKeyUsagePurpose::ClientAuth,
+                    eku: &[ExtendedKeyUsagePurpose::ClientAuth],
                     expired: false,
                 },
             )
@@ -243,7 +243,7 @@ impl TestPki {
                 Leaf {
                     cn,
                     sans: &[],
-                    eku: ExtendedKeyUsagePurpose::ClientAuth,
+                    eku: &[ExtendedKeyUsagePurpose::ClientAuth],
                     expired: true,
                 },
             )
@@ -255,22 +255,28 @@ impl TestPki {
     /// server verification a client must still trust [`TestPki::ca_path`], which
     /// [`TestPki::foreign_client_tls_options`] does. Panics on failure.
     pub fn foreign_client(&self, cn: &str) -> CertFiles {
+        self.with_foreign_ca(|ca| {
+            ca.issue(
+                self.dir.path(),
+                &format!("foreign-{}", self.stem(cn)),
+                Leaf {
+                    cn,
+                    sans: &[],
+                    eku: &[ExtendedKeyUsagePurpose::ClientAuth],
+                    expired: false,
+                },
+            )
+            .expect("issue foreign client certificate")
+        })
+    }
+
+    /// Runs `f` with the second CA, made on first use.
+    fn with_foreign_ca<R>(&self, f: impl FnOnce(&Ca) -> R) -> R {
         let mut foreign = self.foreign.lock().expect("pki lock");
-        if foreign.is_none() {
-            *foreign = Some(Ca::new(self.dir.path(), "foreign").expect("generate foreign CA"));
-        }
-        let ca = foreign.as_ref().expect("foreign CA just set");
-        ca.issue(
-            self.dir.path(),
-            &format!("foreign-{}", self.stem(cn)),
-            Leaf {
-                cn,
-                sans: &[],
-                eku: ExtendedKeyUsagePurpose::ClientAuth,
-                expired: false,
-            },
-        )
-        .expect("issue foreign client certificate")
+        let ca = foreign.get_or_insert_with(|| {
+            Ca::new(self.dir.path(), "foreign").expect("generate foreign CA")
+        });
+        f(ca)
     }
 
     /// Client TLS options that trust our server (our CA) but present `client`, which may be a
@@ -287,6 +293,39 @@ impl TestPki {
     /// Shorthand for `tls_options_presenting(&foreign_client(cn))`.
     pub fn foreign_client_tls_options(&self, cn: &str) -> etcd_client::TlsOptions {
         self.tls_options_presenting(&self.foreign_client(cn))
+    }
+
+    /// A certificate for a store member's peer port, signed by this CA: members dial each other
+    /// with the same certificate they serve with, so it is valid for both server and client
+    /// authentication (SANs `127.0.0.1`, `localhost`). Panics on failure.
+    pub fn peer(&self) -> CertFiles {
+        self.issue_peer(&self.ca, "peer")
+    }
+
+    /// Like [`TestPki::peer`], signed by the second CA that this PKI's members do not trust;
+    /// `ca` in the result is still this PKI's CA, so only the certificate is foreign.
+    pub fn foreign_peer(&self) -> CertFiles {
+        CertFiles {
+            ca: self.ca_path(),
+            ..self.with_foreign_ca(|ca| self.issue_peer(ca, "foreign-peer"))
+        }
+    }
+
+    fn issue_peer(&self, ca: &Ca, stem: &str) -> CertFiles {
+        ca.issue(
+            self.dir.path(),
+            &self.stem(stem),
+            Leaf {
+                cn: "testkit peer",
+                sans: &["127.0.0.1".to_string(), "localhost".to_string()],
+                eku: &[
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
+                expired: false,
+            },
+        )
+        .expect("issue peer certificate")
     }
 
     /// A file-name-safe, unique stem for certificates with common name `cn`.

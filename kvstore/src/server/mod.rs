@@ -165,7 +165,7 @@ impl Server {
             // A snapshot recorded in the log but not yet (wholly) in the store: install it
             // again from the file it was kept in.
             if let Some(log) = &log {
-                let applied = loaded.meta.map_or(0, |m| m.applied_index);
+                let applied = loaded.meta.as_ref().map_or(0, |m| m.applied_index);
                 if applied < log.base() {
                     let path = dir.join(cluster::node::SNAPSHOT_FILE);
                     let image =
@@ -366,15 +366,23 @@ async fn start_raft(
         "starting raft"
     );
     let parts = cluster::node::Parts {
-        config: cluster,
+        config: cluster.clone(),
         log,
-        shared,
+        shared: shared.clone(),
         applier,
-        outbox,
+        outbox: outbox.clone(),
         channel: (tx, rx),
         data_dir: config.data_dir.clone(),
     };
-    Ok(cluster::node::start(parts, cancel.clone())?)
+    let (raft, thread) = cluster::node::start(parts, cancel.clone())?;
+    tokio::spawn(cluster::corrupt::run(
+        cluster,
+        outbox,
+        shared,
+        raft.clone(),
+        cancel.clone(),
+    ));
+    Ok((raft, thread))
 }
 
 /// gRPC (and so etcd) reports a request above the receive limit as `RESOURCE_EXHAUSTED`;

@@ -11,14 +11,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::proto::{
-    PbCompactionResponse, PbCompare, PbDeleteRequest, PbDeleteResponse, PbEvent, PbKeyValue,
-    PbLeaseGrantResponse, PbLeaseRevokeResponse, PbPutRequest, PbPutResponse, PbRangeRequest,
-    PbRangeResponse, PbResponseHeader, PbResponseOp, PbTargetUnion, PbTxnOpRequest,
-    PbTxnOpResponse, PbTxnRequest, PbTxnRequestOp, PbTxnResponse,
+    PbAlarmMember, PbAlarmRequest, PbAlarmResponse, PbCompactionResponse, PbCompare,
+    PbDeleteRequest, PbDeleteResponse, PbEvent, PbKeyValue, PbLeaseGrantResponse,
+    PbLeaseRevokeResponse, PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse,
+    PbResponseHeader, PbResponseOp, PbTargetUnion, PbTxnOpRequest, PbTxnOpResponse, PbTxnRequest,
+    PbTxnRequestOp, PbTxnResponse,
 };
 use thiserror::Error;
 
-use super::storage::{Batch, Loaded, Meta, Record, Revision, Storage, StorageError};
+use super::storage::{Alarm, Batch, Loaded, Meta, Record, Revision, Storage, StorageError};
 
 /// etcd's default limit on the ops of one txn branch (`--max-txn-ops`).
 pub const MAX_TXN_OPS: usize = 128;
@@ -26,6 +27,11 @@ pub const MAX_TXN_OPS: usize = 128;
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// etcd's smallest granted TTL with default election settings (1.5 election timeouts, rounded up).
 pub const MIN_LEASE_TTL: i64 = 2;
+
+/// etcd's `AlarmType.CORRUPT`: members' histories diverged.
+pub const ALARM_CORRUPT: i32 = 2;
+const ALARM_ACTIVATE: i32 = 1;
+const ALARM_DEACTIVATE: i32 = 2;
 
 pub const EVENT_PUT: i32 = 0;
 pub const EVENT_DELETE: i32 = 1;
@@ -83,6 +89,10 @@ pub enum KvError {
     /// A request larger than the configured limit.
     #[error("etcdserver: request is too large")]
     RequestTooLarge,
+    /// A CORRUPT alarm stands: members' histories diverged, so nothing is read or written
+    /// until an operator has repaired the member and disarmed it (etcd's applier does alike).
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
     /// No raft leader is known, so the request cannot be ordered (yet).
     #[error("etcdserver: no leader")]
     NoLeader,
@@ -108,8 +118,13 @@ pub enum WriteRequest {
     Delete(PbDeleteRequest),
     Txn(PbTxnRequest),
     Compact(i64),
-    LeaseGrant { id: i64, ttl: i64 },
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
     LeaseRevoke(i64),
+    /// Raises or clears an alarm (etcd's `Maintenance.Alarm` with ACTIVATE or DEACTIVATE).
+    Alarm(PbAlarmRequest),
 }
 
 /// The answer to a [`WriteRequest`], header included.
@@ -121,6 +136,7 @@ pub enum WriteResponse {
     Compact(PbCompactionResponse),
     LeaseGrant(PbLeaseGrantResponse),
     LeaseRevoke(PbLeaseRevokeResponse),
+    Alarm(PbAlarmResponse),
 }
 
 /// The key interval a request names, with etcd's conventions for `range_end`.
@@ -274,6 +290,7 @@ impl Mvcc {
             current_revision: 1,
             compact_revision: 0,
             applied_index: 0,
+            alarms: Vec::new(),
         });
         let now = Instant::now();
         let mut leases: HashMap<i64, Lease> = loaded
@@ -350,7 +367,27 @@ impl Mvcc {
     }
 
     pub fn meta(&self) -> Meta {
+        self.meta.clone()
+    }
+
+    /// Every raised alarm, as etcd lists them.
+    pub fn alarms(&self) -> Vec<PbAlarmMember> {
         self.meta
+            .alarms
+            .iter()
+            .map(|a| PbAlarmMember {
+                member_id: a.member,
+                alarm: a.kind,
+            })
+            .collect()
+    }
+
+    /// Refuses every request while a CORRUPT alarm stands.
+    pub fn check_healthy(&self) -> Result<(), KvError> {
+        if self.meta.alarms.iter().any(|a| a.kind == ALARM_CORRUPT) {
+            return Err(KvError::Corrupt);
+        }
+        Ok(())
     }
 
     pub fn current_revision(&self) -> i64 {
@@ -565,6 +602,9 @@ impl Mvcc {
             batch,
             events,
         };
+        if !matches!(req, WriteRequest::Alarm(_)) {
+            self.check_healthy()?;
+        }
         let resp = match req {
             WriteRequest::Put(put) => {
                 check_put(put)?;
@@ -602,6 +642,14 @@ impl Mvcc {
                 self.lease_revoke(&mut ctx, *id)?;
                 WriteResponse::LeaseRevoke(PbLeaseRevokeResponse { header: None })
             }
+            WriteRequest::Alarm(alarm) => {
+                // The applier stores the metadata, alarms included, with every batch.
+                let alarms = self.alarm(alarm);
+                WriteResponse::Alarm(PbAlarmResponse {
+                    header: None,
+                    alarms,
+                })
+            }
         };
         if ctx.changed() {
             self.meta.current_revision = ctx.main;
@@ -623,7 +671,47 @@ impl Mvcc {
             WriteResponse::LeaseRevoke(_) => {
                 WriteResponse::LeaseRevoke(PbLeaseRevokeResponse { header })
             }
+            WriteResponse::Alarm(r) => WriteResponse::Alarm(PbAlarmResponse { header, ..r }),
         })
+    }
+
+    /// Raises or clears one alarm and answers with it, as etcd does; other actions change
+    /// nothing and answer with every alarm.
+    fn alarm(&mut self, request: &PbAlarmRequest) -> Vec<PbAlarmMember> {
+        let alarm = Alarm {
+            member: request.member_id,
+            kind: request.alarm,
+        };
+        let this = vec![PbAlarmMember {
+            member_id: alarm.member,
+            alarm: alarm.kind,
+        }];
+        match request.action {
+            ALARM_ACTIVATE if alarm.kind != 0 => {
+                if let Err(at) = self.meta.alarms.binary_search(&alarm) {
+                    tracing::error!(
+                        member = format_args!("{:x}", alarm.member),
+                        kind = alarm.kind,
+                        "alarm raised"
+                    );
+                    self.meta.alarms.insert(at, alarm);
+                }
+                this
+            }
+            ALARM_DEACTIVATE => match self.meta.alarms.binary_search(&alarm) {
+                Ok(at) => {
+                    tracing::warn!(
+                        member = format_args!("{:x}", alarm.member),
+                        kind = alarm.kind,
+                        "alarm cleared"
+                    );
+                    self.meta.alarms.remove(at);
+                    this
+                }
+                Err(_) => Vec::new(),
+            },
+            _ => self.alarms(),
+        }
     }
 
     fn check_put_state(&self, put: &PbPutRequest) -> Result<(), KvError> {

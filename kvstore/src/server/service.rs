@@ -21,7 +21,10 @@ use super::access::Role;
 use super::applier::{Applier, Shared, Writer};
 use super::cluster::RaftHandle;
 use super::mvcc::{KeyRange, KvError, WriteRequest, WriteResponse, check_txn, txn_writes};
-use super::storage::{Revision, Storage, StorageError};
+use super::storage::hash_history;
+
+/// etcd's `AlarmRequest.AlarmAction.GET`.
+const ALARM_GET: i32 = 0;
 
 /// What every service needs: the shared state, the write path and the limits.
 #[derive(Clone, Debug)]
@@ -97,6 +100,7 @@ impl From<KvError> for Status {
                 Status::unavailable(message)
             }
             KvError::Malformed(_) => Status::internal(message),
+            KvError::Corrupt => Status::data_loss(message),
         }
     }
 }
@@ -154,7 +158,7 @@ impl Services {
     /// read off the async threads (it reads the whole history).
     async fn hash_through(&self, through: i64) -> Result<u32, Status> {
         let storage = self.shared.storage().clone();
-        tokio::task::spawn_blocking(move || hash_records(storage.as_ref(), through))
+        tokio::task::spawn_blocking(move || hash_history(storage.as_ref(), through))
             .await
             .map_err(|e| Status::internal(format!("hashing stopped: {e}")))?
             .map_err(|e| Status::internal(format!("hashing the store: {e}")))
@@ -163,35 +167,6 @@ impl Services {
 
 /// Bytes per message of a snapshot stream (etcd sends 32 KiB).
 const SNAPSHOT_CHUNK: usize = 32 * 1024;
-
-/// Records hashed per storage read.
-const HASH_PAGE: usize = 10_000;
-
-/// A hash of every stored record with `revision.main <= through`: its revision and every
-/// field, so two stores agree only if their histories do.
-fn hash_records(storage: &dyn Storage, through: i64) -> Result<u32, StorageError> {
-    let mut hasher = crc32fast::Hasher::new();
-    let mut from = Revision::new(0, 0);
-    loop {
-        let page = storage.scan(from, through, HASH_PAGE)?;
-        let Some((last, _)) = page.last() else {
-            return Ok(hasher.finalize());
-        };
-        from = Revision::new(last.main, last.sub + 1);
-        for (revision, record) in &page {
-            hasher.update(&revision.main.to_be_bytes());
-            hasher.update(&revision.sub.to_be_bytes());
-            for field in [&record.key, &record.value] {
-                hasher.update(&(field.len() as u64).to_be_bytes());
-                hasher.update(field);
-            }
-            hasher.update(&record.create_revision.to_be_bytes());
-            hasher.update(&record.version.to_be_bytes());
-            hasher.update(&record.lease.to_be_bytes());
-            hasher.update(&[u8::from(record.tombstone)]);
-        }
-    }
-}
 
 fn unexpected(response: WriteResponse) -> Status {
     Status::internal(format!(
@@ -221,7 +196,9 @@ impl PbKvService for Services {
             self.linearize().await?;
         }
         let visible = self.shared.visible();
-        Ok(Response::new(self.shared.read().range(&request, visible)?))
+        let state = self.shared.read();
+        state.check_healthy()?;
+        Ok(Response::new(state.range(&request, visible)?))
     }
 
     async fn put(&self, request: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
@@ -258,9 +235,9 @@ impl PbKvService for Services {
             check_txn(&request)?;
             self.linearize().await?;
             let visible = self.shared.visible();
-            return Ok(Response::new(
-                self.shared.read().read_txn(&request, visible)?,
-            ));
+            let state = self.shared.read();
+            state.check_healthy()?;
+            return Ok(Response::new(state.read_txn(&request, visible)?));
         }
         match self.write(WriteRequest::Txn(request)).await? {
             WriteResponse::Txn(r) => Ok(Response::new(r)),
@@ -462,13 +439,22 @@ impl PbMaintenanceService for Services {
         &self,
         request: Request<PbAlarmRequest>,
     ) -> Result<Response<PbAlarmResponse>, Status> {
-        require(self.role(&request).is_known())?;
-        // No alarms are ever raised here; answering (rather than refusing) lets etcdctl's
-        // `alarm list` and health checks work.
-        Ok(Response::new(PbAlarmResponse {
-            header: Some(self.header()),
-            alarms: Vec::new(),
-        }))
+        let role = self.role(&request);
+        let request = request.into_inner();
+        // Listing is for anyone known (etcdctl's health check lists); changing is for admins,
+        // through the log like any write so every member holds the same alarms.
+        if request.action == ALARM_GET {
+            require(role.is_known())?;
+            return Ok(Response::new(PbAlarmResponse {
+                header: Some(self.header()),
+                alarms: self.shared.read().alarms(),
+            }));
+        }
+        require(role.is_admin())?;
+        match self.write(WriteRequest::Alarm(request)).await? {
+            WriteResponse::Alarm(r) => Ok(Response::new(r)),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn status(

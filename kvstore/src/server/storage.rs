@@ -6,7 +6,7 @@
 //! slots in later: the applier hands it a batch, and the batch is durable when `commit` returns.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use thiserror::Error;
 
@@ -108,7 +108,7 @@ impl Record {
 }
 
 /// Store-wide facts kept beside the records.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
     pub cluster_id: u64,
     pub member_id: u64,
@@ -118,6 +118,16 @@ pub struct Meta {
     /// The last raft log entry applied (0 for a single member without raft): stored with the
     /// changes it made, so a restart replays exactly the entries after it.
     pub applied_index: u64,
+    /// Raised alarms, sorted: replicated through the log like any write, so every member
+    /// refuses the same requests while one stands.
+    pub alarms: Vec<Alarm>,
+}
+
+/// An alarm against a member, as etcd's `AlarmMember` (`kind` is etcd's `AlarmType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Alarm {
+    pub member: u64,
+    pub kind: i32,
 }
 
 /// Everything one applied batch changes, made durable at once.
@@ -227,6 +237,35 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn restore(&self, image: &[u8]) -> Result<Loaded, StorageError>;
 }
 
+/// Records hashed per storage read.
+const HASH_PAGE: usize = 10_000;
+
+/// A hash of every stored record with `revision.main <= through`: its revision and every
+/// field, so two stores agree only if their histories do (HashKV, and members' comparison).
+pub fn hash_history(storage: &dyn Storage, through: i64) -> Result<u32, StorageError> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut from = Revision::new(0, 0);
+    loop {
+        let page = storage.scan(from, through, HASH_PAGE)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(hasher.finalize());
+        };
+        from = Revision::new(last.main, last.sub + 1);
+        for (revision, record) in &page {
+            hasher.update(&revision.main.to_be_bytes());
+            hasher.update(&revision.sub.to_be_bytes());
+            for field in [&record.key, &record.value] {
+                hasher.update(&(field.len() as u64).to_be_bytes());
+                hasher.update(field);
+            }
+            hasher.update(&record.create_revision.to_be_bytes());
+            hasher.update(&record.version.to_be_bytes());
+            hasher.update(&record.lease.to_be_bytes());
+            hasher.update(&[u8::from(record.tombstone)]);
+        }
+    }
+}
+
 /// The first bytes of a store image.
 const IMAGE_MAGIC: &[u8; 8] = b"KVIMAGE1";
 /// `magic | payload length: u64`.
@@ -297,9 +336,9 @@ pub fn image_meta(image: &[u8]) -> Result<Meta, StorageError> {
     if image.get(..8) != Some(IMAGE_MAGIC.as_slice()) {
         return Err(image_corrupt("not a store image (bad magic)"));
     }
+    let rest = &image[IMAGE_HEADER.min(image.len())..];
     decode_meta(
-        image
-            .get(IMAGE_HEADER..IMAGE_HEADER + 41)
+        rest.get(..meta_len(rest)?)
             .ok_or_else(|| image_corrupt("ends inside its metadata"))?,
     )
 }
@@ -310,7 +349,7 @@ pub fn decode_image(image: &[u8]) -> Result<Loaded, StorageError> {
     let mut r = Reader {
         bytes: image_payload(image)?,
     };
-    let meta = decode_meta(r.take(41)?)?;
+    let meta = decode_meta(r.take(meta_len(r.bytes)?)?)?;
     let mut leases = Vec::new();
     for _ in 0..r.i64()? {
         let id = r.i64()?;
@@ -358,6 +397,9 @@ pub struct SledStorage {
     sled_log: std::fs::File,
     sled_log_path: PathBuf,
     wal: Mutex<Wal>,
+    /// Held for writing while a restore swaps the store's contents (clear, then fill), so a
+    /// reader, such as a watch catching up beside the applier, never sees it half done.
+    swap: RwLock<()>,
 }
 
 impl SledStorage {
@@ -383,11 +425,17 @@ impl SledStorage {
             sled_log,
             sled_log_path,
             wal: Mutex::new(wal),
+            swap: RwLock::new(()),
         };
         // Start the log afresh after a checkpoint, so numbering and replay stay contiguous.
         storage.checkpoint()?;
         storage.wal.lock().unwrap_or_else(|e| e.into_inner()).wrap();
         Ok(storage)
+    }
+
+    /// Shared access to the contents: no restore runs while it is held.
+    fn reading(&self) -> RwLockReadGuard<'_, ()> {
+        self.swap.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes everything applied to sled durable, so the log behind it may be reused.
@@ -468,32 +516,73 @@ fn apply(db: &sled::Db, batch: Batch) -> Result<(), StorageError> {
 }
 
 fn encode_meta(meta: &Meta) -> Vec<u8> {
-    let mut out = Vec::with_capacity(41);
-    out.push(2);
+    let mut out = Vec::with_capacity(45 + 12 * meta.alarms.len());
+    out.push(3);
     out.extend_from_slice(&meta.cluster_id.to_be_bytes());
     out.extend_from_slice(&meta.member_id.to_be_bytes());
     out.extend_from_slice(&meta.current_revision.to_be_bytes());
     out.extend_from_slice(&meta.compact_revision.to_be_bytes());
     out.extend_from_slice(&meta.applied_index.to_be_bytes());
+    out.extend_from_slice(&(meta.alarms.len() as u32).to_be_bytes());
+    for alarm in &meta.alarms {
+        out.extend_from_slice(&alarm.member.to_be_bytes());
+        out.extend_from_slice(&alarm.kind.to_be_bytes());
+    }
     out
 }
 
+/// How long the metadata at the start of `bytes` is, from its format byte (and alarm count).
+fn meta_len(bytes: &[u8]) -> Result<usize, StorageError> {
+    match bytes.first() {
+        Some(1) => Ok(33),
+        Some(2) => Ok(41),
+        Some(3) => {
+            let count = bytes
+                .get(41..45)
+                .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+                .ok_or_else(|| image_corrupt("ends inside its metadata"))?;
+            Ok(45 + 12 * count)
+        }
+        other => Err(StorageError::Corrupt {
+            what: "store metadata",
+            detail: format!("unknown format {other:?}"),
+        }),
+    }
+}
+
 fn decode_meta(bytes: &[u8]) -> Result<Meta, StorageError> {
-    // Format 1 predates replication: no applied index.
-    let known = matches!((bytes.len(), bytes.first()), (33, Some(1)) | (41, Some(2)));
-    if !known {
+    // Format 1 predates replication (no applied index), format 2 alarms.
+    let alarm_count = match (bytes.first(), bytes.len()) {
+        (Some(1), 33) | (Some(2), 41) => Some(0),
+        (Some(3), len) if len >= 45 => {
+            let count = u32::from_be_bytes(bytes[41..45].try_into().expect("4 bytes")) as usize;
+            (len == 45 + 12 * count).then_some(count)
+        }
+        _ => None,
+    };
+    let Some(alarm_count) = alarm_count else {
         return Err(StorageError::Corrupt {
             what: "store metadata",
             detail: format!("{} bytes, format {:?}", bytes.len(), bytes.first()),
         });
-    }
+    };
     let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let alarms = (0..alarm_count)
+        .map(|i| {
+            let at = 45 + 12 * i;
+            Alarm {
+                member: word(at),
+                kind: i32::from_be_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes")),
+            }
+        })
+        .collect();
     Ok(Meta {
         cluster_id: word(1),
         member_id: word(9),
         current_revision: word(17) as i64,
         compact_revision: word(25) as i64,
-        applied_index: if bytes.len() == 41 { word(33) } else { 0 },
+        applied_index: if bytes.len() >= 41 { word(33) } else { 0 },
+        alarms,
     })
 }
 
@@ -575,16 +664,17 @@ fn decode_batch(bytes: &[u8]) -> Result<Batch, StorageError> {
     for _ in 0..r.u32()? {
         batch.leases_revoked.push(r.i64()?);
     }
+    // The metadata ends the payload; its own length checks cover every format.
     batch.meta = match r.bytes.first() {
         Some(0) | None => None,
-        Some(1) => Some(decode_meta(r.take(33)?)?),
-        Some(_) => Some(decode_meta(r.take(41)?)?),
+        Some(_) => Some(decode_meta(r.bytes)?),
     };
     Ok(batch)
 }
 
 impl Storage for SledStorage {
     fn load(&self) -> Result<Loaded, StorageError> {
+        let _reading = self.reading();
         let meta = self
             .db
             .get(META_KEY)?
@@ -624,6 +714,7 @@ impl Storage for SledStorage {
     }
 
     fn record(&self, rev: Revision) -> Result<Option<Record>, StorageError> {
+        let _reading = self.reading();
         self.db
             .get(Self::record_key(rev))?
             .map(|raw| Record::decode(&raw))
@@ -638,6 +729,7 @@ impl Storage for SledStorage {
     ) -> Result<Vec<(Revision, Record)>, StorageError> {
         let start = Self::record_key(from);
         let end = Self::record_key(Revision::new(through.saturating_add(1), 0));
+        let _reading = self.reading();
         let mut out = Vec::new();
         for item in self.db.range(start..end).take(limit) {
             let (key, value) = item?;
@@ -699,13 +791,14 @@ impl SledStorage {
     /// Replaces everything with what an image held (see [`Storage::restore`]).
     pub fn restore_loaded(&self, loaded: Loaded) -> Result<Loaded, StorageError> {
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let _swapping = self.swap.write().unwrap_or_else(|e| e.into_inner());
         self.db.clear()?;
         let batch = Batch {
             records: loaded.records.clone(),
             removed: Vec::new(),
             leases_granted: loaded.leases.clone(),
             leases_revoked: Vec::new(),
-            meta: loaded.meta,
+            meta: loaded.meta.clone(),
         };
         apply(&self.db, batch)?;
         self.checkpoint()?;
@@ -713,7 +806,7 @@ impl SledStorage {
         // with a frame of the image's metadata, so replay stops at the first old frame.
         wal.wrap();
         let marker = Batch {
-            meta: loaded.meta,
+            meta: loaded.meta.clone(),
             ..Batch::default()
         };
         wal.append(&encode_batch(&marker))?;
@@ -805,6 +898,7 @@ mod tests {
                 current_revision: 4,
                 compact_revision: 2,
                 applied_index: 7,
+                alarms: vec![Alarm { member: 2, kind: 2 }],
             }),
         };
         let bytes = encode_batch(&batch);
@@ -814,7 +908,7 @@ mod tests {
         assert_eq!(back.leases_granted, batch.leases_granted);
         assert_eq!(back.leases_revoked, batch.leases_revoked);
         assert_eq!(back.meta, batch.meta);
-        for cut in 0..bytes.len() - 41 {
+        for cut in 0..bytes.len() - 57 {
             assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {cut}");
         }
     }
@@ -836,6 +930,7 @@ mod tests {
                     current_revision: 3,
                     compact_revision: 0,
                     applied_index: 9,
+                    alarms: Vec::new(),
                 }),
                 ..Batch::default()
             })
@@ -866,6 +961,58 @@ mod tests {
             "a new cluster's log starts over"
         );
         assert!(restore_data_dir(&file, &target.path().join("new")).is_err());
+    }
+
+    #[test]
+    fn a_reader_beside_a_restore_sees_the_old_store_or_the_new_one_never_a_half() {
+        const RECORDS: i64 = 300;
+        let history = |through: i64| Batch {
+            records: (2..=through)
+                .map(|rev| (Revision::new(rev, 0), record(b"k", b"v")))
+                .collect(),
+            meta: Some(Meta {
+                cluster_id: 1,
+                member_id: 2,
+                current_revision: through,
+                compact_revision: 0,
+                applied_index: through as u64,
+                alarms: Vec::new(),
+            }),
+            ..Batch::default()
+        };
+        // The image holds the same history and more, as a leader's image does.
+        let source = tempfile::tempdir().unwrap();
+        let leader = SledStorage::open(source.path()).unwrap();
+        leader.commit(history(RECORDS + 50)).unwrap();
+        let image = leader.dump().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let storage = std::sync::Arc::new(SledStorage::open(dir.path()).unwrap());
+        storage.commit(history(RECORDS)).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (storage, stop) = (storage.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut scans = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let seen = storage
+                        .scan(Revision::new(2, 0), RECORDS, usize::MAX)
+                        .unwrap()
+                        .len();
+                    assert_eq!(
+                        seen,
+                        RECORDS as usize - 1,
+                        "a scan saw a store half restored"
+                    );
+                    scans += 1;
+                }
+                scans
+            })
+        };
+        for _ in 0..20 {
+            storage.restore(&image).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().expect("no scan saw a half store") > 0);
     }
 
     #[test]
@@ -955,6 +1102,7 @@ mod tests {
                     current_revision: 3,
                     compact_revision: 0,
                     applied_index: 0,
+                    alarms: Vec::new(),
                 }),
                 ..Batch::default()
             })

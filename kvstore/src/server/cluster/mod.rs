@@ -9,6 +9,7 @@
 //! Members are named and addressed as etcd's: `--name`, `--initial-cluster name=url,...`,
 //! `--initial-advertise-peer-urls`, `--listen-peer-urls`, `--initial-cluster-token`.
 
+pub mod corrupt;
 pub mod log;
 pub mod node;
 pub mod transport;
@@ -59,6 +60,9 @@ pub struct ClusterConfig {
     pub peer_tls: Option<TlsFiles>,
     /// Entries applied beyond the log's start before it is compacted (`--snapshot-count`).
     pub snapshot_count: u64,
+    /// How often the leader compares members' history hashes (`--corrupt-check-time`);
+    /// zero turns the check off.
+    pub corrupt_check: std::time::Duration,
 }
 
 /// A cluster description that cannot work.
@@ -242,6 +246,7 @@ impl ClusterConfig {
             listen_peer,
             peer_tls,
             snapshot_count: DEFAULT_SNAPSHOT_COUNT,
+            corrupt_check: corrupt::DEFAULT_CORRUPT_CHECK,
         })
     }
 

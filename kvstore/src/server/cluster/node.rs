@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use etcd_client::proto::{PbDeleteRequest, PbPutRequest, PbTxnRequest};
+use etcd_client::proto::{PbAlarmRequest, PbDeleteRequest, PbPutRequest, PbTxnRequest};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, Snapshot, SnapshotMetadata};
@@ -95,6 +95,10 @@ pub fn encode_request(request: &WriteRequest) -> Vec<u8> {
             out.push(6);
             out.extend_from_slice(&id.to_be_bytes());
         }
+        WriteRequest::Alarm(alarm) => {
+            out.push(7);
+            alarm.encode(&mut out).unwrap_or_default();
+        }
     }
     out
 }
@@ -119,6 +123,7 @@ pub fn decode_request(data: &[u8]) -> Result<WriteRequest, String> {
             ttl: int(8)?,
         },
         6 => WriteRequest::LeaseRevoke(int(0)?),
+        7 => WriteRequest::Alarm(PbAlarmRequest::decode(body).map_err(prost)?),
         other => return Err(format!("unknown request kind {other}")),
     })
 }
@@ -545,12 +550,18 @@ impl Owner {
         Ok(())
     }
 
+    fn send(&mut self, messages: Vec<Message>) {
+        for to in self.outbox.send(messages) {
+            self.node.report_snapshot(to, raft::SnapshotStatus::Failure);
+        }
+    }
+
     fn on_ready(&mut self) -> Result<(), StorageError> {
         if !self.node.has_ready() {
             return Ok(());
         }
         let mut ready = self.node.ready();
-        self.outbox.send(ready.take_messages());
+        self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();
             self.install(&snapshot)?;
@@ -560,7 +571,7 @@ impl Owner {
         if let Some(ss) = ready.ss() {
             self.role_changed(ss.leader_id, ss.raft_state);
         }
-        self.outbox.send(ready.take_persisted_messages());
+        self.send(ready.take_persisted_messages());
         for state in ready.take_read_states() {
             let seq = state
                 .request_ctx
@@ -577,7 +588,7 @@ impl Owner {
             hs.commit = commit;
             self.log.persist(&[], Some(&hs), None)?;
         }
-        self.outbox.send(light.take_messages());
+        self.send(light.take_messages());
         self.apply(light.take_committed_entries());
         self.node.advance_apply();
         self.publish_status();
@@ -692,6 +703,11 @@ mod tests {
             WriteRequest::Compact(42),
             WriteRequest::LeaseGrant { id: 9, ttl: 30 },
             WriteRequest::LeaseRevoke(9),
+            WriteRequest::Alarm(PbAlarmRequest {
+                action: 1,
+                member_id: 0xabc,
+                alarm: 2,
+            }),
         ];
         for request in requests {
             let back = decode_request(&encode_request(&request)).unwrap();

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use proto::peer::peer_client::PeerClient;
 use proto::peer::peer_server::{Peer, PeerServer};
-use proto::peer::{DescribeRequest, LeaseCall, LeaseReply, MemberInfo, MessageBatch, SendReply};
+use proto::peer::{
+    DescribeRequest, HashKvReply, HashKvRequest, LeaseCall, LeaseReply, MemberInfo, MessageBatch,
+    SendReply,
+};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::net::TcpListener;
@@ -27,6 +30,9 @@ use super::ClusterConfig;
 use super::node::Command;
 use crate::server::applier::Shared;
 use crate::server::tls::{self, TlsError, TlsFiles};
+
+/// How long a member may take to hash its whole history.
+const HASH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Messages queued per peer before new ones are dropped (raft sends them again).
 const QUEUE: usize = 4096;
@@ -136,14 +142,22 @@ impl Outbox {
         })
     }
 
-    /// Queues raft's messages for their members.
-    pub fn send(&self, messages: Vec<Message>) {
+    /// Queues raft's messages for their members, and returns the members whose snapshot was
+    /// dropped: raft must hear of it, or it waits for that snapshot forever.
+    pub fn send(&self, messages: Vec<Message>) -> Vec<u64> {
+        let mut lost_snapshots = Vec::new();
         for message in messages {
             if let Some(queue) = self.queues.get(&message.to) {
                 // Full: the peer is far behind or gone; raft resends what matters.
-                let _ = queue.try_send(message);
+                if let Err(refused) = queue.try_send(message) {
+                    let message = refused.into_inner();
+                    if message.get_msg_type() == MessageType::MsgSnapshot {
+                        lost_snapshots.push(message.to);
+                    }
+                }
             }
         }
+        lost_snapshots
     }
 
     /// A lease call answered by `leader`.
@@ -168,6 +182,23 @@ impl Outbox {
         tokio::time::timeout(SEND_TIMEOUT, client.lease(call))
             .await
             .map_err(|_| Status::unavailable("etcdserver: request timed out"))?
+            .map(Response::into_inner)
+    }
+
+    /// Another member's hash of its history up to `revision`, if it answers soon.
+    pub async fn hash_kv(&self, member: u64, revision: i64) -> Result<HashKvReply, Status> {
+        let mut client = self
+            .clients
+            .get(&member)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("member {member:x} is not a peer")))?;
+        let request = HashKvRequest {
+            cluster_id: self.cluster_id,
+            revision,
+        };
+        tokio::time::timeout(HASH_TIMEOUT, client.hash_kv(request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the member did not answer in time"))?
             .map(Response::into_inner)
     }
 
@@ -213,7 +244,9 @@ async fn send_loop(
     node: std_mpsc::Sender<Command>,
     cancel: CancellationToken,
 ) {
-    let mut failing = false;
+    // What was last said about a failing peer: said again only when it changes, and a vague
+    // cause (a connection cut short) never replaces a precise one.
+    let mut reported: Option<String> = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {
@@ -257,35 +290,64 @@ async fn send_loop(
                 ok: delivered,
             });
         }
-        match outcome {
+        let failure = match outcome {
             Ok(Ok(_)) => {
-                if failing {
+                if reported.take().is_some() {
                     tracing::info!("peer reachable again");
-                    failing = false;
                 }
+                continue;
             }
-            Ok(Err(status)) => {
-                if !failing {
-                    tracing::warn!(code = ?status.code(), error = status.message(), "sending to peer failed");
-                    failing = true;
-                }
-                unreachable(&mut rx, &node, target.id);
-            }
-            Err(_) => {
-                if !failing {
-                    tracing::warn!("peer does not answer");
-                    failing = true;
-                }
-                unreachable(&mut rx, &node, target.id);
-            }
+            Ok(Err(status)) => describe_failure(&status),
+            Err(_) => (
+                format!("the peer does not answer within {timeout:?}"),
+                false,
+            ),
+        };
+        let (text, vague) = failure;
+        if reported.as_deref() != Some(text.as_str()) && !(vague && reported.is_some()) {
+            tracing::warn!(error = %text, "sending to peer failed");
+            reported = Some(text);
+        }
+        unreachable(&mut rx, &node, target.id);
+    }
+}
+
+/// A failed call's cause in words, and whether it is vague (a connection cut short without a
+/// reason). A TLS refusal is named for what to fix, since the alert alone reads as noise.
+fn describe_failure(status: &Status) -> (String, bool) {
+    let mut text = status.message().to_owned();
+    if let Some(source) = std::error::Error::source(status) {
+        let chain = model::error_chain(source);
+        if !text.contains(&chain) {
+            text = format!("{text}: {chain}");
         }
     }
+    const REFUSED_BY_PEER: [&str; 3] = ["UnknownCA", "BadCertificate", "CertificateUnknown"];
+    if REFUSED_BY_PEER.iter().any(|alert| text.contains(alert)) {
+        text.push_str(
+            " (the peer does not trust this member's --peer-cert: is it signed by the CA in the peer's --peer-cacert?)",
+        );
+    } else if text.contains("UnknownIssuer") {
+        text.push_str(
+            " (this member does not trust the peer's certificate: is it signed by the CA in --peer-cacert?)",
+        );
+    }
+    (text, status.code() == tonic::Code::Cancelled)
 }
 
 /// After a failed call: what was queued meanwhile is stale (raft probes the peer again and
 /// sends what it then needs, a snapshot if the log moved on), so it is dropped.
 fn unreachable(rx: &mut mpsc::Receiver<Message>, node: &std_mpsc::Sender<Command>, peer: u64) {
-    while rx.try_recv().is_ok() {}
+    while let Ok(message) = rx.try_recv() {
+        // A dropped snapshot is a failed one: raft sends no appends to a member while it
+        // believes a snapshot is on its way there.
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            let _ = node.send(Command::SnapshotSent {
+                to: peer,
+                ok: false,
+            });
+        }
+    }
     let _ = node.send(Command::Unreachable(peer));
 }
 
@@ -373,6 +435,18 @@ impl Peer for PeerService {
             None => LeaseReply::default(),
         };
         Ok(Response::new(reply))
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvReply>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(request.cluster_id, None)?;
+        super::corrupt::local_hash(&self.shared, request.revision)
+            .await
+            .map(Response::new)
+            .map_err(|e| Status::internal(e.to_string()))
     }
 
     async fn describe(
