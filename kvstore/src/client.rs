@@ -21,6 +21,7 @@ pub mod provision;
 mod watch;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -147,10 +148,93 @@ pub struct CasOutcome<V> {
     pub current: Option<Entry<V>>,
 }
 
-struct Inner {
+/// One connection per endpoint, and the one in use. Like etcd's own client, this one pins an
+/// endpoint: a request that finds its member gone (unreachable, leaderless, silent) moves the
+/// pin to the next endpoint, so later requests, new watches and lease keepalives follow it.
+pub(crate) struct Members {
     /// Replaced when the TLS files change, so new requests and streams use the new
     /// certificates; streams already open keep the connection they started on.
-    client: Arc<RwLock<etcd_client::Client>>,
+    clients: RwLock<Vec<etcd_client::Client>>,
+    endpoints: Vec<String>,
+    pinned: AtomicUsize,
+}
+
+impl Members {
+    fn new(endpoints: Vec<String>, clients: Vec<etcd_client::Client>) -> Self {
+        Members {
+            clients: RwLock::new(clients),
+            endpoints,
+            pinned: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub(crate) fn endpoint(&self, index: usize) -> &str {
+        &self.endpoints[index]
+    }
+
+    /// The pinned endpoint's index and connection.
+    pub(crate) fn pinned(&self) -> (usize, etcd_client::Client) {
+        let clients = self.clients.read().unwrap_or_else(|e| e.into_inner());
+        let index = self.pinned.load(Ordering::Relaxed) % clients.len();
+        (index, clients[index].clone())
+    }
+
+    /// Moves the pin off `failed` to the next endpoint, unless another request already did.
+    pub(crate) fn fail_over(&self, failed: usize, error: &dyn std::fmt::Display) {
+        if self.len() < 2 {
+            return;
+        }
+        let next = (failed + 1) % self.len();
+        if self
+            .pinned
+            .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::info!(
+                failed = %self.endpoints[failed],
+                next = %self.endpoints[next],
+                %error,
+                "store endpoint failed; using the next one"
+            );
+        }
+    }
+
+    fn replace(&self, clients: Vec<etcd_client::Client>) {
+        *self.clients.write().unwrap_or_else(|e| e.into_inner()) = clients;
+    }
+}
+
+/// Whether a request may be sent again to another member after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// A read: asking again changes nothing, so any member that answers will do.
+    Repeatable,
+    /// A write: sent again only when the failure proves the first one was never applied
+    /// (no connection was made, or the member had no leader), as etcd's client does.
+    Mutable,
+}
+
+/// One `etcd_client` connection per endpoint, each on a lazy channel to that endpoint alone:
+/// a request to a member that refuses connections fails at once, so it can move on.
+async fn connect_each(
+    prepared: &config::Prepared,
+) -> std::result::Result<Vec<etcd_client::Client>, etcd_client::Error> {
+    let mut clients = Vec::with_capacity(prepared.channels.len());
+    for channel in &prepared.channels {
+        let channel = etcd_client::Channel::Tonic(channel.connect_lazy());
+        clients.push(
+            etcd_client::Client::from_channel(channel, Some(prepared.options.clone())).await?,
+        );
+    }
+    Ok(clients)
+}
+
+struct Inner {
+    members: Arc<Members>,
     /// Stops the certificate reload task when the last clone of the client goes away.
     _reload: Option<tokio_util::sync::DropGuard>,
     endpoints: String,
@@ -195,23 +279,23 @@ impl StoreClient {
     pub async fn connect_lazy(config: &ClientConfig) -> Result<Self> {
         let prepared = config.prepare()?;
         let endpoints = prepared.endpoints.join(",");
-        let client = etcd_client::Client::connect(&prepared.endpoints, Some(prepared.options))
+        let clients = connect_each(&prepared)
             .await
             .map_err(|source| ConfigError::Client { source })?;
-        let client = Arc::new(RwLock::new(client));
+        let members = Arc::new(Members::new(prepared.endpoints, clients));
         let reload = config.tls.as_ref().map(|tls| {
             let stop = CancellationToken::new();
             tokio::spawn(reload_on_change(
                 config.clone(),
                 tls.clone(),
-                client.clone(),
+                members.clone(),
                 stop.clone(),
             ));
             stop.drop_guard()
         });
         Ok(StoreClient {
             inner: Arc::new(Inner {
-                client,
+                members,
                 _reload: reload,
                 endpoints,
                 request_timeout: config.request_timeout,
@@ -235,14 +319,15 @@ impl StoreClient {
         self.inner.limits
     }
 
-    /// The underlying `etcd_client` client (the current one, after any certificate
-    /// reload), for what this layer does not cover.
+    /// The underlying `etcd_client` client of the pinned endpoint (the current one, after
+    /// any certificate reload), for what this layer does not cover.
     pub fn etcd(&self) -> etcd_client::Client {
-        self.inner
-            .client
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.members.pinned().1
+    }
+
+    /// The endpoints and which one is in use.
+    pub(crate) fn members(&self) -> &Arc<Members> {
+        &self.inner.members
     }
 
     /// A typed view of the store using `codec`.
@@ -266,20 +351,65 @@ impl StoreClient {
         self.typed(JsonCodec::new())
     }
 
-    pub(crate) fn kv_client(&self) -> etcd_client::KvClient {
-        self.etcd()
-            .kv_client()
-            .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
-    }
-
-    pub(crate) fn watch_client(&self) -> etcd_client::WatchClient {
-        self.etcd()
+    pub(crate) fn watch_client_of(client: &etcd_client::Client) -> etcd_client::WatchClient {
+        client
             .watch_client()
             .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
     }
 
-    pub(crate) fn lease_client(&self) -> etcd_client::LeaseClient {
-        self.etcd().lease_client()
+    /// Runs one request on the pinned endpoint with the request timeout, and sorts its
+    /// error. A failure that is the member's (unreachable, leaderless, silent) moves the pin;
+    /// the request is then sent to the next endpoint if `retry` allows, until every endpoint
+    /// was tried once.
+    pub(crate) async fn request<T, F, Fut>(
+        &self,
+        op: &'static str,
+        revision: Option<i64>,
+        lease: Option<LeaseId>,
+        retry: Retry,
+        mut make: F,
+    ) -> Result<T>
+    where
+        F: FnMut(etcd_client::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let members = &self.inner.members;
+        let mut tries = members.len();
+        loop {
+            let (index, client) = members.pinned();
+            let (error, never_applied) =
+                match tokio::time::timeout(self.inner.request_timeout, make(client)).await {
+                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Err(err)) => {
+                        let never_applied = error::never_applied(&err);
+                        (
+                            classify(op, &members.endpoints[index], revision, lease, err),
+                            never_applied,
+                        )
+                    }
+                    Err(_) => (
+                        Error::Timeout {
+                            op,
+                            endpoints: members.endpoints[index].clone(),
+                            after: self.inner.request_timeout,
+                        },
+                        false,
+                    ),
+                };
+            tracing::debug!(op, error = %error, "store request failed");
+            if !error.is_retryable() {
+                return Err(error);
+            }
+            members.fail_over(index, &error);
+            tries -= 1;
+            let again = match retry {
+                Retry::Repeatable => true,
+                Retry::Mutable => never_applied,
+            };
+            if !again || tries == 0 {
+                return Err(error);
+            }
+        }
     }
 
     /// Runs one request with the request timeout and sorts its error.
@@ -309,9 +439,10 @@ impl StoreClient {
     /// `cluster_id`, or a revision that went backwards, means the store was replaced.
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints()))]
     pub async fn status(&self) -> Result<StoreStatus> {
-        let mut maintenance = self.etcd().maintenance_client();
         let resp = self
-            .call("status", None, None, maintenance.status())
+            .request("status", None, None, Retry::Repeatable, |c| async move {
+                c.maintenance_client().status().await
+            })
             .await?;
         let header = resp.header().ok_or_else(|| Error::Protocol {
             op: "status",
@@ -331,9 +462,10 @@ impl StoreClient {
     /// Deletes `key`; says whether it existed.
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), key))]
     pub async fn delete(&self, key: &str) -> Result<bool> {
-        let mut kv = self.kv_client();
         let resp = self
-            .call("delete", None, None, kv.delete(key, None))
+            .request("delete", None, None, Retry::Mutable, |c| async move {
+                c.kv_client().delete(key, None).await
+            })
             .await?;
         Ok(resp.deleted() > 0)
     }
@@ -342,15 +474,16 @@ impl StoreClient {
     /// says how many were deleted.
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), prefix))]
     pub async fn delete_prefix(&self, prefix: &str) -> Result<i64> {
-        let mut kv = self.kv_client();
         let options = DeleteOptions::new().with_range(prefix_range_end(prefix.as_bytes()));
         let resp = self
-            .call(
-                "delete_prefix",
-                None,
-                None,
-                kv.delete(range_start(prefix), Some(options)),
-            )
+            .request("delete_prefix", None, None, Retry::Mutable, |c| {
+                let options = options.clone();
+                async move {
+                    c.kv_client()
+                        .delete(range_start(prefix), Some(options))
+                        .await
+                }
+            })
             .await?;
         Ok(resp.deleted())
     }
@@ -359,12 +492,16 @@ impl StoreClient {
     /// reads at older revisions fail right after).
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), revision))]
     pub async fn compact(&self, revision: i64) -> Result<()> {
-        let mut kv = self.kv_client();
-        self.call(
+        self.request(
             "compact",
             Some(revision),
             None,
-            kv.compact(revision, Some(CompactionOptions::new().with_physical())),
+            Retry::Mutable,
+            |c| async move {
+                c.kv_client()
+                    .compact(revision, Some(CompactionOptions::new().with_physical()))
+                    .await
+            },
         )
         .await?;
         Ok(())
@@ -403,9 +540,15 @@ impl StoreClient {
     /// Revokes a lease, deleting its keys. A lease that does not exist counts as revoked.
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.endpoints(), lease = %id))]
     pub async fn revoke_lease(&self, id: LeaseId) -> Result<()> {
-        let mut lease_client = self.lease_client();
+        // Revoking again finds the lease gone, which counts as revoked.
         match self
-            .call("lease_revoke", None, Some(id), lease_client.revoke(id.0))
+            .request(
+                "lease_revoke",
+                None,
+                Some(id),
+                Retry::Repeatable,
+                |c| async move { c.lease_client().revoke(id.0).await },
+            )
             .await
         {
             Ok(_) | Err(Error::LeaseNotFound { .. }) => Ok(()),
@@ -493,10 +636,11 @@ impl<C: Codec> TypedClient<C> {
     /// Reads one key.
     #[tracing::instrument(level = "debug", skip_all, fields(endpoints = %self.client.endpoints(), key))]
     pub async fn get(&self, key: &str) -> Result<Option<Entry<C::Value>>> {
-        let mut kv = self.client.kv_client();
         let mut resp = self
             .client
-            .call("get", None, None, kv.get(key, None))
+            .request("get", None, None, Retry::Repeatable, |c| async move {
+                kv_of(&c).get(key, None).await
+            })
             .await?;
         resp.take_kvs()
             .into_iter()
@@ -596,19 +740,24 @@ impl<C: Codec> TypedClient<C> {
         let page = i64::from(self.client.limits().list_page_size);
         let mut start = range_start(prefix);
         let mut revision = at.unwrap_or(0);
-        let mut kv = self.client.kv_client();
         loop {
             let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
             if revision > 0 {
                 options = options.with_revision(revision);
             }
+            // Every member holds the same revisions, so a listing pinned to one may go on
+            // through another.
             let mut resp = self
                 .client
-                .call(
+                .request(
                     "list_prefix",
                     (revision > 0).then_some(revision),
                     None,
-                    kv.get(start.clone(), Some(options)),
+                    Retry::Repeatable,
+                    |c| {
+                        let (start, options) = (start.clone(), options.clone());
+                        async move { kv_of(&c).get(start, Some(options)).await }
+                    },
                 )
                 .await?;
             if revision == 0 {
@@ -643,10 +792,12 @@ impl<C: Codec> TypedClient<C> {
     pub async fn put(&self, key: &str, value: &C::Value, lease: Option<LeaseId>) -> Result<i64> {
         let bytes = self.encode(key, value)?;
         let options = lease.map(|id| PutOptions::new().with_lease(id.0));
-        let mut kv = self.client.kv_client();
         let resp = self
             .client
-            .call("put", None, lease, kv.put(key, bytes, options))
+            .request("put", None, lease, Retry::Mutable, |c| {
+                let (bytes, options) = (bytes.clone(), options.clone());
+                async move { c.kv_client().put(key, bytes, options).await }
+            })
             .await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
     }
@@ -682,10 +833,12 @@ impl<C: Codec> TypedClient<C> {
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
             .and_then([TxnOp::put(key, bytes, options), TxnOp::get(key, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut kv = self.client.kv_client();
         let resp = self
             .client
-            .call("compare_and_swap", None, lease, kv.txn(txn))
+            .request("compare_and_swap", None, lease, Retry::Mutable, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
             .await?;
         let succeeded = resp.succeeded();
         let mut current = None;
@@ -705,10 +858,12 @@ impl<C: Codec> TypedClient<C> {
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
             .and_then([TxnOp::delete(key, None)]);
-        let mut kv = self.client.kv_client();
         let resp = self
             .client
-            .call("compare_and_delete", None, None, kv.txn(txn))
+            .request("compare_and_delete", None, None, Retry::Mutable, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
             .await?;
         Ok(resp.succeeded())
     }
@@ -777,7 +932,6 @@ impl<C: Codec> TypedClient<C> {
         );
         let total = encoded.len();
         let mut outcome = BatchOutcome::default();
-        let mut kv = self.client.kv_client();
         let mut ops = encoded.into_iter();
         for range in ranges {
             let mut lease_used = None;
@@ -804,7 +958,10 @@ impl<C: Codec> TypedClient<C> {
             .and_then(txn_ops);
             match self
                 .client
-                .call("apply_batch", None, lease_used, kv.txn(txn))
+                .request("apply_batch", None, lease_used, Retry::Mutable, |c| {
+                    let txn = txn.clone();
+                    async move { c.kv_client().txn(txn).await }
+                })
                 .await
             {
                 Ok(resp) if guard.is_some() && !resp.succeeded() => {
@@ -868,6 +1025,13 @@ impl<C: Codec> TypedClient<C> {
 const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The files' bytes: a change is noticed whatever tool replaced them.
+/// A KV client that takes responses as large as a listing page may be.
+fn kv_of(client: &etcd_client::Client) -> etcd_client::KvClient {
+    client
+        .kv_client()
+        .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
+}
+
 fn tls_snapshot(tls: &TlsFiles) -> [Option<Vec<u8>>; 3] {
     [Some(&tls.ca), tls.cert.as_ref(), tls.key.as_ref()]
         .map(|path| path.and_then(|p| std::fs::read(p).ok()))
@@ -879,7 +1043,7 @@ fn tls_snapshot(tls: &TlsFiles) -> [Option<Vec<u8>>; 3] {
 async fn reload_on_change(
     config: ClientConfig,
     tls: TlsFiles,
-    client: Arc<RwLock<etcd_client::Client>>,
+    members: Arc<Members>,
     stop: CancellationToken,
 ) {
     let mut seen = tls_snapshot(&tls);
@@ -894,16 +1058,12 @@ async fn reload_on_change(
             continue;
         }
         let connected = match config.prepare() {
-            Ok(prepared) => {
-                etcd_client::Client::connect(&prepared.endpoints, Some(prepared.options))
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            Ok(prepared) => connect_each(&prepared).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match connected {
             Ok(fresh) => {
-                *client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                members.replace(fresh);
                 seen = now;
                 tracing::info!(ca = %tls.ca.display(), "reloaded client TLS certificates");
             }

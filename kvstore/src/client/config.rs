@@ -83,6 +83,10 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Prepared {
     pub endpoints: Vec<String>,
     pub options: ConnectOptions,
+    /// Each endpoint gets a channel of its own, built here rather than by `etcd_client`,
+    /// whose balanced channel holds a request while its only endpoint is down instead of
+    /// failing it, so the request could not move on to another member.
+    pub channels: Vec<tonic::transport::Endpoint>,
 }
 
 impl ClientConfig {
@@ -134,15 +138,41 @@ impl ClientConfig {
             });
         }
         let endpoints = normalize_endpoints(&self.endpoints, self.tls.is_some())?;
+        let tls = self.tls.as_ref().map(load_tls).transpose()?;
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT)
             .with_keep_alive_while_idle(false)
             .with_require_leader(true);
-        if let Some(tls) = &self.tls {
-            options = options.with_tls(load_tls(tls)?);
+        if let Some(tls) = &tls {
+            options = options.with_tls(tls.clone());
         }
-        Ok(Prepared { endpoints, options })
+        let channels = endpoints
+            .iter()
+            .map(|url| {
+                let invalid = |reason| ConfigError::InvalidEndpoint {
+                    endpoint: url.clone(),
+                    reason,
+                };
+                let mut channel = tonic::transport::Endpoint::from_shared(url.clone())
+                    .map_err(|_| invalid("it is not a valid URI"))?
+                    .connect_timeout(self.connect_timeout)
+                    .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(false);
+                if let Some(tls) = &tls {
+                    channel = channel
+                        .tls_config(tls.clone())
+                        .map_err(|_| invalid("TLS does not apply to it"))?;
+                }
+                Ok(channel)
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(Prepared {
+            endpoints,
+            options,
+            channels,
+        })
     }
 }
 

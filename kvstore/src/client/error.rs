@@ -257,6 +257,39 @@ pub enum ConfigError {
 }
 
 /// Sorts an `etcd_client` error into the client layer's [`Error`] variants.
+/// Whether a failed call certainly changed nothing in the store: no connection to the member
+/// was made, or the member answered that it has no leader (it proposes nothing then). Only
+/// then is a write sent again to another member, as etcd's own client decides.
+pub(crate) fn never_applied(err: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = err else {
+        return matches!(err, etcd_client::Error::TransportError(_));
+    };
+    if status.message() == NO_LEADER {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    // Written to a connection the member had already closed: not received.
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// etcd's answer (and ours) when a member knows no leader: nothing was proposed.
+const NO_LEADER: &str = "etcdserver: no leader";
+
 pub(crate) fn classify(
     op: &'static str,
     endpoints: &str,

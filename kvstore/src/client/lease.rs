@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::StoreClient;
 use super::error::{Error, Result};
+use super::{Retry, StoreClient};
 
 /// An etcd lease id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -144,10 +144,11 @@ pub(crate) async fn grant(
 ) -> Result<LeaseHandle> {
     let cancel = shutdown.map_or_else(CancellationToken::new, CancellationToken::child_token);
     let asked = ttl.as_secs_f64().ceil().max(1.0) as i64;
-    let mut lease_client = client.lease_client();
     let started = Instant::now();
     let resp = client
-        .call("lease_grant", None, None, lease_client.grant(asked, None))
+        .request("lease_grant", None, None, Retry::Mutable, |c| async move {
+            c.lease_client().grant(asked, None).await
+        })
         .await?;
     if resp.ttl() <= 0 || resp.id() == 0 {
         return Err(Error::Protocol {
@@ -209,13 +210,13 @@ pub(crate) async fn time_to_live(
     client: &StoreClient,
     id: LeaseId,
 ) -> Result<Option<etcd_client::LeaseTimeToLiveResponse>> {
-    let mut lease_client = client.lease_client();
     match client
-        .call(
+        .request(
             "lease_time_to_live",
             None,
             Some(id),
-            lease_client.time_to_live(id.0, None),
+            Retry::Repeatable,
+            |c| async move { c.lease_client().time_to_live(id.0, None).await },
         )
         .await
     {
@@ -285,7 +286,11 @@ async fn keepalive(
 ) {
     let period = keepalive_period(ttl);
     let retry = (period / 2).min(Duration::from_secs(1));
+    // The keepalive stream, with the endpoint it was opened on: a failure moves the client's
+    // pin, and the next stream opens on the next member (keepalives reach the leader
+    // through any member).
     let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    let mut on = 0;
     let mut last_error = String::from("no keepalive attempted yet");
     let lost = loop {
         tokio::select! {
@@ -296,8 +301,11 @@ async fn keepalive(
             }
             _ = tokio::time::sleep_until(next) => {}
         }
+        // One attempt takes at most a period, so a member that went silent leaves time to
+        // refresh through another before the lease runs out.
         let budget = client
             .request_timeout()
+            .min(period)
             .min(deadline.saturating_duration_since(Instant::now()))
             .max(Duration::from_millis(50));
         let sent = Instant::now();
@@ -314,7 +322,9 @@ async fn keepalive(
                 }
                 None => {
                     // Opening the stream sends a first keepalive and checks its answer.
-                    let opened = client.lease_client().keep_alive(id.0).await?;
+                    let (index, pinned) = client.members().pinned();
+                    on = index;
+                    let opened = pinned.lease_client().keep_alive(id.0).await?;
                     stream = Some(opened);
                     Ok(ttl.as_secs() as i64)
                 }
@@ -345,12 +355,14 @@ async fn keepalive(
                 }
                 tracing::debug!(error = %err, "lease keepalive failed, retrying");
                 last_error = err.to_string();
+                client.members().fail_over(on, &err);
                 stream = None;
                 next = Instant::now() + retry;
             }
             Err(_) => {
                 tracing::debug!(?budget, "lease keepalive timed out, retrying");
                 last_error = format!("keepalive timed out after {budget:?}");
+                client.members().fail_over(on, &last_error);
                 stream = None;
                 next = Instant::now() + retry;
             }

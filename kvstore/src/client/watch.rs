@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tracing::Instrument;
 
 use super::codec::Codec;
 use super::error::{Error, Result, classify};
-use super::{StoreClient, prefix_range_end};
+use super::{Members, StoreClient, prefix_range_end};
 
 /// How a watch behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,7 +329,6 @@ pub(crate) async fn watch_prefix<C: Codec>(
     from_revision: i64,
     config: &WatchConfig,
 ) -> Result<WatchStream<C::Value>> {
-    let endpoints = client.endpoints().to_owned();
     let timeout = client.request_timeout();
     let mut options = WatchOptions::new()
         .with_range(prefix_range_end(prefix.as_bytes()))
@@ -341,29 +341,36 @@ pub(crate) async fn watch_prefix<C: Codec>(
     } else {
         prefix.as_bytes().to_vec()
     };
-    let mut watch_client = client.watch_client();
-    let open = async {
-        let mut stream = watch_client.watch(key, Some(options)).await?;
-        let first = stream.message().await?;
-        Ok::<_, etcd_client::Error>((stream, first))
-    };
-    let (stream, first) = match tokio::time::timeout(timeout, open).await {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(err)) => {
-            return Err(classify(
-                "watch",
-                &endpoints,
-                Some(from_revision),
-                None,
-                err,
-            ));
-        }
-        Err(_) => {
-            return Err(Error::Timeout {
+    // Opened on the pinned member; one that fails moves the pin and the next one is tried.
+    let members = client.members().clone();
+    let mut tries = members.len();
+    let (on, endpoints, stream, first) = loop {
+        let (index, pinned) = members.pinned();
+        let endpoints = members.endpoint(index).to_owned();
+        let mut watch_client = StoreClient::watch_client_of(&pinned);
+        let open = async {
+            let mut stream = watch_client
+                .watch(key.clone(), Some(options.clone()))
+                .await?;
+            let first = stream.message().await?;
+            Ok::<_, etcd_client::Error>((stream, first))
+        };
+        let error = match tokio::time::timeout(timeout, open).await {
+            Ok(Ok((stream, first))) => break (index, endpoints, stream, first),
+            Ok(Err(err)) => classify("watch", &endpoints, Some(from_revision), None, err),
+            Err(_) => Error::Timeout {
                 op: "watch",
                 endpoints,
                 after: timeout,
-            });
+            },
+        };
+        tries -= 1;
+        if !error.is_retryable() {
+            return Err(error);
+        }
+        members.fail_over(index, &error);
+        if tries == 0 {
+            return Err(error);
         }
     };
     let Some(first) = first else {
@@ -409,6 +416,7 @@ pub(crate) async fn watch_prefix<C: Codec>(
         tokio::spawn(
             run(
                 codec,
+                (members, on),
                 endpoints,
                 stream,
                 sender,
@@ -422,8 +430,11 @@ pub(crate) async fn watch_prefix<C: Codec>(
 }
 
 /// The task that reads one store watch stream and feeds the consumer.
+/// Pumps one watch stream; `on` is the member it runs on, so a break that is the member's
+/// fault moves the client's pin and the caller's next watch opens elsewhere.
 async fn run<C: Codec>(
     codec: C,
+    on: (Arc<Members>, usize),
     endpoints: String,
     mut stream: etcd_client::WatchStream,
     sender: mpsc::Sender<Vec<WatchEvent<C::Value>>>,
@@ -480,6 +491,9 @@ async fn run<C: Codec>(
             Step::End(event) => {
                 if let WatchEvent::Broken { error, .. } = &event {
                     tracing::info!(error = %error, resume_from = next, "watch broken");
+                    if error.is_retryable() {
+                        on.0.fail_over(on.1, error);
+                    }
                 }
                 let _ = sender.send(vec![event]).await;
                 return;
