@@ -6,7 +6,11 @@
 //! ```text
 //! cargo build --release -p kvstore
 //! cargo run --release -p bench -- [--json FILE] [--quick] [--kvstore-bin PATH] [--only etcd|ours]
+//!     [--members 1..3]
 //! ```
+//!
+//! With `--members 3` each store runs as three members on loopback (ours over raft) and the
+//! clients are spread over the members.
 
 mod stats;
 mod workloads;
@@ -16,9 +20,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
+use testkit::cluster::StoreCluster;
 use testkit::{Backend, StoreOptions, StoreProcess};
 
-use crate::workloads::{Metric, Params};
+use crate::workloads::{Metric, Params, Target};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
@@ -42,6 +47,9 @@ struct Args {
     /// Run only one of the two stores.
     #[arg(long, value_enum)]
     only: Option<Which>,
+    /// Members per store (up to 3; more than one is a raft cluster on loopback).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    members: u8,
 }
 
 /// The results of one store.
@@ -67,6 +75,7 @@ struct Row {
 #[derive(Debug, serde::Serialize)]
 struct Report {
     mode: &'static str,
+    members: usize,
     params: String,
     rows: Vec<Row>,
 }
@@ -82,21 +91,46 @@ fn resolve_bin(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
-async fn bench_store(name: &'static str, backend: Backend, params: &Params) -> Result<StoreResult> {
+async fn bench_store(
+    name: &'static str,
+    backend: Backend,
+    members: usize,
+    params: &Params,
+) -> Result<StoreResult> {
     let t = Instant::now();
-    eprintln!("[bench] starting {name}");
-    let store = StoreProcess::start(backend, StoreOptions::default())
-        .await
-        .with_context(|| format!("starting {name}"))?;
+    eprintln!("[bench] starting {name} ({members} member(s))");
+    // Whichever runs, it stays up until the workloads are done.
+    let (target, _single, _cluster) = if members == 1 {
+        let store = StoreProcess::start(backend, StoreOptions::default())
+            .await
+            .with_context(|| format!("starting {name}"))?;
+        let target = Target {
+            endpoints: vec![store.endpoint()],
+            pids: vec![store.pid()],
+        };
+        (target, Some(store), None)
+    } else {
+        let cluster = StoreCluster::start(backend, members)
+            .await
+            .with_context(|| format!("starting {members} {name} members"))?;
+        cluster
+            .leader()
+            .await
+            .with_context(|| format!("{name}: no leader"))?;
+        let target = Target {
+            endpoints: cluster.endpoints(),
+            pids: (0..members).map(|i| cluster.member(i).pid()).collect(),
+        };
+        (target, None, Some(cluster))
+    };
     eprintln!(
-        "[bench] {name} ready at {} (pid {})",
-        store.endpoint(),
-        store.pid()
+        "[bench] {name} ready at {} (pids {:?})",
+        target.endpoints.join(","),
+        target.pids
     );
-    let metrics = workloads::run_all(&store.endpoint(), store.pid(), params)
+    let metrics = workloads::run_all(&target, params)
         .await
         .with_context(|| format!("benchmarking {name}"))?;
-    drop(store);
     eprintln!("[bench] {name} done in {:.1} s", t.elapsed().as_secs_f64());
     Ok(StoreResult {
         store: name,
@@ -190,11 +224,11 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let mut results = Vec::new();
     if run_etcd {
-        results.push(bench_store("etcd", Backend::Etcd, &params).await?);
+        results.push(bench_store("etcd", Backend::Etcd, usize::from(args.members), &params).await?);
     }
     if run_ours {
         let backend = Backend::Embedded { bin: bin.clone() };
-        results.push(bench_store("ours", backend, &params).await?);
+        results.push(bench_store("ours", backend, usize::from(args.members), &params).await?);
     }
 
     let rows = rows(&results);
@@ -204,6 +238,7 @@ async fn main() -> Result<()> {
     if let Some(path) = &args.json {
         let report = Report {
             mode: if args.quick { "quick" } else { "full" },
+            members: usize::from(args.members),
             params: format!("{params:?}"),
             rows,
         };

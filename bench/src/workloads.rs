@@ -97,15 +97,39 @@ fn value_of(size: usize, tag: usize) -> Vec<u8> {
     (0..size).map(|i| b'a' + ((i + tag) % 26) as u8).collect()
 }
 
-/// Runs every workload against `endpoint` and returns the metrics in table order.
-/// `pid` is the server's process id, read for its CPU time around each put workload and for
-/// its resident memory at the end.
-pub async fn run_all(endpoint: &str, pid: u32, params: &Params) -> Result<Vec<Metric>> {
+/// The store under test: one member or several. Clients are spread over the members (client
+/// `i` talks to member `i mod n`), CPU is summed over them, memory is the largest member's.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub endpoints: Vec<String>,
+    pub pids: Vec<u32>,
+}
+
+impl Target {
+    fn endpoint(&self, i: usize) -> &str {
+        &self.endpoints[i % self.endpoints.len()]
+    }
+
+    fn cpu_seconds(&self) -> Result<f64> {
+        self.pids.iter().map(|&pid| cpu_seconds(pid)).sum()
+    }
+
+    fn resident_mib(&self) -> Result<f64> {
+        self.pids
+            .iter()
+            .map(|&pid| resident_mib(pid))
+            .try_fold(0.0, |max, rss| rss.map(|r| f64::max(max, r)))
+    }
+}
+
+/// Runs every workload against `target` and returns the metrics in table order: the
+/// members' CPU time is read around each put workload, their resident memory at the end.
+pub async fn run_all(target: &Target, params: &Params) -> Result<Vec<Metric>> {
     let mut out = Vec::new();
 
     let mut cpu = Vec::new();
     for &clients in &params.put_clients {
-        let put = put_throughput(endpoint, pid, clients, params)
+        let put = put_throughput(target, clients, params)
             .await
             .with_context(|| format!("put workload with {clients} clients"))?;
         let noun = if clients == 1 { "client" } else { "clients" };
@@ -126,7 +150,7 @@ pub async fn run_all(endpoint: &str, pid: u32, params: &Params) -> Result<Vec<Me
     }
     out.extend(cpu);
 
-    let (single, prefix) = range_latency(endpoint, params)
+    let (single, prefix) = range_latency(target, params)
         .await
         .context("range workload")?;
     out.push(metric(
@@ -159,7 +183,7 @@ pub async fn run_all(endpoint: &str, pid: u32, params: &Params) -> Result<Vec<Me
         prefix.p99_ms,
     ));
 
-    let watch = watch_latency(endpoint, params)
+    let watch = watch_latency(target, params)
         .await
         .context("watch workload")?;
     let w = params.watchers;
@@ -178,8 +202,15 @@ pub async fn run_all(endpoint: &str, pid: u32, params: &Params) -> Result<Vec<Me
         watch.p99_ms,
     ));
 
-    let rss = resident_mib(pid).context("reading the server's resident memory")?;
-    out.push(metric("rss_mib", "server RSS after run", "MiB", false, rss));
+    let rss = target
+        .resident_mib()
+        .context("reading the server's resident memory")?;
+    let label = if target.pids.len() > 1 {
+        "server RSS after run (largest member)"
+    } else {
+        "server RSS after run"
+    };
+    out.push(metric("rss_mib", label, "MiB", false, rss));
     Ok(out)
 }
 
@@ -192,17 +223,12 @@ struct PutResult {
 }
 
 /// Puts with `clients` concurrent clients, each on its own connection, for
-/// `params.put_duration`; also reads the server's CPU time (`pid`) around the timed part.
-async fn put_throughput(
-    endpoint: &str,
-    pid: u32,
-    clients: usize,
-    params: &Params,
-) -> Result<PutResult> {
+/// `params.put_duration`; also reads the members' CPU time around the timed part.
+async fn put_throughput(target: &Target, clients: usize, params: &Params) -> Result<PutResult> {
     let value = Arc::new(value_of(params.value_size, clients));
     let mut conns = Vec::with_capacity(clients);
     for c in 0..clients {
-        let mut client = connect(endpoint).await?;
+        let mut client = connect(target.endpoint(c)).await?;
         // One warm-up put per connection: connection setup is not what we measure.
         client
             .put(
@@ -214,7 +240,9 @@ async fn put_throughput(
         conns.push(client);
     }
 
-    let cpu_before = cpu_seconds(pid).context("reading the server's CPU time")?;
+    let cpu_before = target
+        .cpu_seconds()
+        .context("reading the server's CPU time")?;
     let start = Instant::now();
     let deadline = start + params.put_duration;
     let tasks = conns.into_iter().enumerate().map(|(c, mut client)| {
@@ -237,7 +265,10 @@ async fn put_throughput(
         total += n;
         end = end.max(finished);
     }
-    let cpu = cpu_seconds(pid).context("reading the server's CPU time")? - cpu_before;
+    let cpu = target
+        .cpu_seconds()
+        .context("reading the server's CPU time")?
+        - cpu_before;
     ensure!(total > 0, "no put was acknowledged");
     Ok(PutResult {
         rate: total as f64 / (end - start).as_secs_f64(),
@@ -246,10 +277,10 @@ async fn put_throughput(
 }
 
 /// Preloads `range_keys` keys, then measures sequential single-key gets and full-prefix ranges.
-async fn range_latency(endpoint: &str, params: &Params) -> Result<(Percentiles, Percentiles)> {
+async fn range_latency(target: &Target, params: &Params) -> Result<(Percentiles, Percentiles)> {
     const PREFIX: &str = "bench/range/";
     let n = params.range_keys;
-    let mut client = connect(endpoint).await?;
+    let mut client = connect(target.endpoint(0)).await?;
 
     let loaders = 8;
     let tasks = (0..loaders).map(|l| {
@@ -300,10 +331,10 @@ async fn range_latency(endpoint: &str, params: &Params) -> Result<(Percentiles, 
 /// `params.watchers` watchers (each on its own connection) watch one prefix; a writer puts
 /// `params.watch_puts` keys one at a time. Each sample is the time from just before a put is
 /// sent to the moment one watcher receives its event.
-async fn watch_latency(endpoint: &str, params: &Params) -> Result<Percentiles> {
+async fn watch_latency(target: &Target, params: &Params) -> Result<Percentiles> {
     const PREFIX: &str = "bench/watch/";
     let puts = params.watch_puts;
-    let mut writer = connect(endpoint).await?;
+    let mut writer = connect(target.endpoint(0)).await?;
     let start_rev = writer
         .get(PREFIX, None)
         .await?
@@ -315,7 +346,7 @@ async fn watch_latency(endpoint: &str, params: &Params) -> Result<Percentiles> {
 
     let mut watchers = Vec::with_capacity(params.watchers);
     for w in 0..params.watchers {
-        let mut client = connect(endpoint).await?;
+        let mut client = connect(target.endpoint(w)).await?;
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start_rev);
