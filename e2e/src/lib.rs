@@ -70,6 +70,9 @@ pub fn topology(file: &str) -> PathBuf {
         .join(file)
 }
 
+/// Log lines per daemon in [`DevEnv::diagnostics`].
+const DIAGNOSTIC_LINES: usize = 40;
+
 /// A dev environment for one scenario; `down` runs on drop if the scenario did not.
 #[derive(Debug)]
 pub struct DevEnv {
@@ -320,6 +323,35 @@ impl DevEnv {
         self.up = false;
         self.cli_ok(&["dev", "down", "--name", &self.name])
             .map(drop)
+    }
+
+    /// What to read when a scenario fails: `clustermesh status` and the last lines of every
+    /// daemon's log, so a CI failure says which daemon fell behind and why.
+    pub fn diagnostics(&self) -> String {
+        let mut out = match self.cli(&["status", "--context", &self.name]) {
+            Ok(o) => format!(
+                "clustermesh status:\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("clustermesh status: {e}\n"),
+        };
+        let logs = self.home().env_dir(&self.name).join("logs");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for file in files {
+            out.push_str(&format!(
+                "--- {} (last {DIAGNOSTIC_LINES} lines)\n{}\n",
+                file.display(),
+                mesh_devenv::sys::log_tail(&file, DIAGNOSTIC_LINES)
+            ));
+        }
+        out
     }
 
     /// Kernel objects named after this environment that still exist: network namespaces,

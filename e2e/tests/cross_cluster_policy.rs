@@ -80,7 +80,12 @@ fn a_policy_on_the_cluster_label_admits_one_remote_client_and_drops_the_others()
             Err(out)
         }
     })
-    .unwrap_or_else(|e| panic!("a's agent never enforced the policy: {e}"));
+    .unwrap_or_else(|e| {
+        panic!(
+            "a's agent never enforced the policy: {e}\n{}",
+            env.diagnostics()
+        )
+    });
 
     // b's good client gets through once b's identities reached a's agent.
     wait_for(CONVERGE, || {
@@ -93,7 +98,7 @@ fn a_policy_on_the_cluster_label_admits_one_remote_client_and_drops_the_others()
             Err(v.to_string())
         }
     })
-    .unwrap_or_else(|e| panic!("b/good → a/echo {target}: {e}"));
+    .unwrap_or_else(|e| panic!("b/good → a/echo {target}: {e}\n{}", env.diagnostics()));
     eprintln!("b/good → a/echo allowed: {:?}", started.elapsed());
     // b/good's attempts before b's identities reached a's agent were dropped, rightly; from
     // now on none may be.

@@ -24,7 +24,7 @@ use daemon::error_chain as chain;
 
 use crate::Timing;
 use crate::board::Board;
-use crate::local::{self, Lease, Local, digest};
+use crate::local::{self, Digests, Lease, Local, digest};
 use crate::metrics::{Metrics, PeerMetrics, Stage};
 use crate::status::{self, rfc3339};
 
@@ -201,6 +201,10 @@ pub(crate) struct CacheSink {
     refusal_drained: bool,
     /// When the current full sync started.
     sync_started: Option<Instant>,
+    /// The cache's digests, read beside the peer's listing (see [`Sink::listing_soon`]);
+    /// dropped as soon as anything else touches the cache, so a full write compares with
+    /// what the cache holds.
+    prefetched: Option<tokio::task::JoinHandle<kvstore::client::Result<Vec<Digests>>>>,
     log_limit: LogLimiter,
 }
 
@@ -213,6 +217,7 @@ impl Sink<CachePart> for CacheSink {
         for update in updates {
             match update {
                 PeerUpdate::Change { change, .. } => {
+                    self.forget_prefetched();
                     changes += 1;
                     ops.extend(self.change_op(change, lease));
                 }
@@ -247,6 +252,21 @@ impl Sink<CachePart> for CacheSink {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    fn listing_soon(&mut self) {
+        self.forget_prefetched();
+        let local = self.shared.local.clone();
+        let prefixes = Kind::ALL.map(|kind| kind.cache_prefix(&self.peer));
+        self.prefetched = Some(tokio::spawn(async move {
+            futures::future::try_join_all(prefixes.iter().map(|p| local.digests(p))).await
+        }));
+    }
+}
+
+impl Drop for CacheSink {
+    fn drop(&mut self) {
+        self.forget_prefetched();
     }
 }
 
@@ -283,6 +303,7 @@ impl CacheSink {
             adopted: None,
             refusal_drained: false,
             sync_started: None,
+            prefetched: None,
             log_limit: LogLimiter::new(),
             shared,
             peer,
@@ -314,6 +335,18 @@ impl CacheSink {
     }
 
     async fn handle(&mut self, update: PeerUpdate, lease: Lease) {
+        // What writes the peer's cache (a refusal drains it, a lost link adopts it) makes
+        // digests read before it stale.
+        if matches!(
+            update,
+            PeerUpdate::Config { config: Err(_), .. }
+                | PeerUpdate::Link {
+                    connected: false,
+                    ..
+                }
+        ) {
+            self.forget_prefetched();
+        }
         match update {
             PeerUpdate::Config {
                 config: Ok(config),
@@ -452,10 +485,18 @@ impl CacheSink {
         // A full write is what a lost cache waits for: unless this one fails too.
         self.lost = None;
         let started = Instant::now();
-        let local = self.shared.local.clone();
-        let prefixes = Kind::ALL.map(|kind| kind.cache_prefix(&self.peer));
-        let listings =
-            futures::future::try_join_all(prefixes.iter().map(|p| local.digests(p))).await;
+        let prefetched = match self.prefetched.take() {
+            Some(reading) => reading.await.ok(),
+            None => None,
+        };
+        let listings = match prefetched {
+            Some(listings) => listings,
+            None => {
+                let local = self.shared.local.clone();
+                let prefixes = Kind::ALL.map(|kind| kind.cache_prefix(&self.peer));
+                futures::future::try_join_all(prefixes.iter().map(|p| local.digests(p))).await
+            }
+        };
         let have = match listings {
             Ok(listings) => listings,
             Err(error) => {
@@ -530,6 +571,12 @@ impl CacheSink {
             elapsed_ms = took.as_millis() as u64,
             "the cache holds the peer's full state"
         );
+    }
+
+    fn forget_prefetched(&mut self) {
+        if let Some(reading) = self.prefetched.take() {
+            reading.abort();
+        }
     }
 
     fn count_entries(&self) {

@@ -169,7 +169,7 @@ pub fn parse_cluster_config_key(key: &str) -> Result<ClusterName, KeyError> {
 }
 
 /// Where kvstoremesh mirrors each peer's heartbeat: beside the kinds under the cache root.
-const HEARTBEAT_CACHE_ROOT: &str = "cilium/cache/heartbeat/";
+pub const HEARTBEAT_CACHE_ROOT: &str = "cilium/cache/heartbeat/";
 /// What follows the peer in kvstoremesh's status key.
 const PEER_STATUS_SUFFIX: &str = "/kvstoremesh/status";
 /// The peer status key's form, for messages.
