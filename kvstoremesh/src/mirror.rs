@@ -256,12 +256,18 @@ impl Sink<CachePart> for CacheSink {
 
     fn listing_soon(&mut self) {
         self.forget_prefetched();
-        let local = self.shared.local.clone();
-        let prefixes = Kind::ALL.map(|kind| kind.cache_prefix(&self.peer));
-        self.prefetched = Some(tokio::spawn(async move {
-            futures::future::try_join_all(prefixes.iter().map(|p| local.digests(p))).await
-        }));
+        self.prefetched = Some(tokio::spawn(cache_digests(
+            self.shared.local.clone(),
+            self.peer.clone(),
+        )));
     }
+}
+
+/// The digests of everything the cache holds of `peer`, one map per kind in [`Kind::ALL`]
+/// order.
+async fn cache_digests(local: Local, peer: ClusterName) -> kvstore::client::Result<Vec<Digests>> {
+    let prefixes = Kind::ALL.map(|kind| kind.cache_prefix(&peer));
+    futures::future::try_join_all(prefixes.iter().map(|p| local.digests(p))).await
 }
 
 impl Drop for CacheSink {
@@ -491,11 +497,7 @@ impl CacheSink {
         };
         let listings = match prefetched {
             Some(listings) => listings,
-            None => {
-                let local = self.shared.local.clone();
-                let prefixes = Kind::ALL.map(|kind| kind.cache_prefix(&self.peer));
-                futures::future::try_join_all(prefixes.iter().map(|p| local.digests(p))).await
-            }
+            None => cache_digests(self.shared.local.clone(), self.peer.clone()).await,
         };
         let have = match listings {
             Ok(listings) => listings,
